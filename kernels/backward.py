@@ -1,0 +1,412 @@
+"""FlashAttention-2 backward: Delta preprocessing, then separate dK/dV and dQ kernels.
+
+P is recomputed from Q, K and the saved log-sum-exp; nothing of size S x S is stored. Each
+output tile is owned by exactly one program (dK/dV programs loop over the query heads of their
+GQA group themselves), so no atomics are needed and gradients are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, query_range,
+                     strides3, strides4, visible)
+from .tuning import bwd_kv_config, bwd_q_config
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_glb, stride_glh, stride_glm,
+                    stride_lb, stride_lh, stride_lm,
+                    SEQ_Q,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """Delta = rowsum(dO * O) - dLSE: the softmax backward's row term, once per row."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + pid_b)
+        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
+    else:
+        q_start = 0
+        seqlen_q = SEQ_Q
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    row0 = (q_start + start_m).to(tl.int64)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m0 < seqlen_q - start_m
+    ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + pid_b * stride_ob + pid_h * stride_oh + row0 * stride_om
+                + offs_m0[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + pid_b * stride_dob + pid_h * stride_doh + row0 * stride_dom
+                 + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse / d s = P, so a gradient on the lse enters exactly like -Delta
+        delta -= tl.load(DLSE + pid_b * stride_glb + pid_h * stride_glh + row0 * stride_glm
+                         + offs_m0 * stride_glm, mask=row_ok, other=0.0)
+    tl.store(DELTA + pid_b * stride_lb + pid_h * stride_lh + row0 * stride_lm + offs_m0 * stride_lm,
+             delta, mask=row_ok)
+
+
+@triton.jit
+def _load_lse_log2(L_ptrs, mask):
+    # an empty row (lse = -inf) must give P = 0: use +inf there
+    lse = tl.load(L_ptrs, mask=mask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
+                  stride_qm, stride_dom, stride_lm,
+                  offs_n, offs_m0, lo, hi,
+                  seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                  seed, rng_offset, bh, dropout_p, d_ok,
+                  BLOCK_M: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    q_ptrs = Q_tile + lo.to(tl.int64) * stride_qm
+    do_ptrs = DO_tile + lo.to(tl.int64) * stride_dom
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < seqlen_q
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        lse = _load_lse_log2(L_h + offs_m * stride_lm, row_ok)
+        # transposed tiles (keys x queries) so dK and dV accumulate without a transpose
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            sT += alibi_bias(slope_log2, offs_m[None, :], offs_n[:, None], shift)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            ok = visible(offs_m[None, :], offs_n[:, None], seqlen_k, shift, win_left, win_right,
+                         HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(ok, pT, 0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+        if DOT_FP32:
+            do = do.to(tl.float32)
+        if HAS_DROPOUT:
+            keepT = dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            scale_keep = 1.0 / (1.0 - dropout_p)
+            pdT = tl.where(keepT, pT * scale_keep, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if HAS_DROPOUT:
+            dpT = tl.where(keepT, dpT * scale_keep, 0.0)
+        delta = tl.load(D_h + offs_m * stride_lm, mask=row_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, RNG, ALIBI, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ab, stride_ah,
+    H, GROUP, SEQ_Q, SEQ_K,
+    qk_scale, sm_scale, dropout_p, win_left, win_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_hk = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + pid_b)
+        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
+        k_start = tl.load(CU_K + pid_b)
+        seqlen_k = tl.load(CU_K + pid_b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = SEQ_Q
+        k_start = 0
+        seqlen_k = SEQ_K
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    b64 = pid_b.to(tl.int64)
+    hk64 = pid_hk.to(tl.int64)
+    row_k = (k_start + start_n).to(tl.int64)
+    row_q = q_start.to(tl.int64)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_n0
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    kv_ok = (offs_n0[:, None] < seqlen_k - start_n) & d_ok
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + row_k * stride_kn
+                + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + row_k * stride_vn
+                + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    shift = seqlen_k - seqlen_q
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1).to(tl.int32)
+    lo, mid_lo, mid_hi, hi = query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
+                                         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # GQA: this program owns dK/dV of one KV head and sums over its query heads in order
+    for g in range(GROUP):
+        pid_h = pid_hk * GROUP + g
+        h64 = pid_h.to(tl.int64)
+        Q_tile = (Q + b64 * stride_qb + h64 * stride_qh + row_q * stride_qm
+                  + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+        DO_tile = (DO + b64 * stride_dob + h64 * stride_doh + row_q * stride_dom
+                   + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+        L_h = LSE + b64 * stride_lb + h64 * stride_lh + row_q * stride_lm
+        D_h = DELTA + b64 * stride_lb + h64 * stride_lh + row_q * stride_lm
+        slope_log2 = 0.0
+        if HAS_ALIBI:
+            slope_log2 = tl.load(ALIBI + b64 * stride_ab + pid_h * stride_ah) * 1.4426950408889634
+        bh = pid_b * H + pid_h
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
+                               offs_n, offs_m0, lo, mid_lo,
+                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                               seed, rng_offset, bh, dropout_p, d_ok,
+                               BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
+                               offs_n, offs_m0, mid_lo, mid_hi,
+                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                               seed, rng_offset, bh, dropout_p, d_ok,
+                               BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
+                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
+                               offs_n, offs_m0, mid_hi, hi,
+                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                               seed, rng_offset, bh, dropout_p, d_ok,
+                               BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
+             + offs_n0[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + row_k * stride_dvn
+             + offs_n0[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
+                 offs_m, offs_n0, lo, hi,
+                 seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                 seed, rng_offset, bh, dropout_p, d_ok,
+                 BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    k_ptrs = K_tile + lo.to(tl.int64) * stride_kn
+    v_ptrs = V_tile + lo.to(tl.int64) * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        if MASKED:
+            kv_ok = (offs_n[:, None] < seqlen_k) & d_ok
+        else:
+            kv_ok = d_ok
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += alibi_bias(slope_log2, offs_m[:, None], offs_n[None, :], shift)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            ok = visible(offs_m[:, None], offs_n[None, :], seqlen_k, shift, win_left, win_right,
+                         HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, RNG, ALIBI, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_ab, stride_ah,
+    H, GROUP, SEQ_Q, SEQ_K,
+    qk_scale, sm_scale, dropout_p, win_left, win_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    if REVERSE_M:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + pid_b)
+        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
+        k_start = tl.load(CU_K + pid_b)
+        seqlen_k = tl.load(CU_K + pid_b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = SEQ_Q
+        k_start = 0
+        seqlen_k = SEQ_K
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    pid_hk = pid_h // GROUP
+    b64 = pid_b.to(tl.int64)
+    h64 = pid_h.to(tl.int64)
+    row_q = (q_start + start_m).to(tl.int64)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m0
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    row_ok = offs_m0 < seqlen_q - start_m
+    tile_ok = row_ok[:, None] & d_ok
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row_q * stride_qm
+                + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row_q * stride_dom
+                 + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=tile_ok, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    l_off = b64 * stride_lb + h64 * stride_lh + row_q * stride_lm + offs_m0 * stride_lm
+    lse = _load_lse_log2(LSE + l_off, row_ok)
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    k_start64 = k_start.to(tl.int64)
+    K_tile = (K + b64 * stride_kb + pid_hk.to(tl.int64) * stride_kh + k_start64 * stride_kn
+              + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    V_tile = (V + b64 * stride_vb + pid_hk.to(tl.int64) * stride_vh + k_start64 * stride_vn
+              + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    shift = seqlen_k - seqlen_q
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(ALIBI + b64 * stride_ab + pid_h * stride_ah) * 1.4426950408889634
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1).to(tl.int32)
+    bh = pid_b * H + pid_h
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
+                                       BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
+                      offs_m, offs_n0, lo, mid_lo,
+                      seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                      seed, rng_offset, bh, dropout_p, d_ok,
+                      BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
+                      offs_m, offs_n0, mid_lo, mid_hi,
+                      seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                      seed, rng_offset, bh, dropout_p, d_ok,
+                      BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
+                      offs_m, offs_n0, mid_hi, hi,
+                      seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                      seed, rng_offset, bh, dropout_p, d_ok,
+                      BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row_q * stride_dqm
+             + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window: tuple[int, int],
+                       alibi_slopes=None, dropout_p: float = 0.0, rng=None, dlse=None,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
+                       max_seqlen_k: int = 0, dq=None, dk=None, dv=None):
+    """Launch the three backward kernels; returns (dq, dk, dv) shaped and strided like q, k, v.
+
+    ``dlse`` is the gradient flowing into the log-sum-exp output (``None`` when it is unused).
+    ``dq``/``dk``/``dv`` may be given preallocated.
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        hq, head_dim = q.shape[1], q.shape[2]
+        hkv = k.shape[1]
+        seq_q, seq_k = max_seqlen_q, max_seqlen_k
+    else:
+        batch, hq, seq_q, head_dim = q.shape
+        hkv, seq_k = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    delta = torch.empty_like(lse)
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    dummy = delta  # stands in for absent optional pointers; never read
+    pre_block = 32 if INTERPRET else 128
+    _bwd_preprocess[(triton.cdiv(seq_q, pre_block), hq, batch)](
+        out, dout, dlse if dlse is not None else dummy, delta,
+        cu_seqlens_q if varlen else dummy,
+        *strides4(out, varlen), *strides4(dout, varlen),
+        *(strides3(dlse, varlen) if dlse is not None else (0, 0, 0)), *strides3(delta, varlen),
+        seq_q, HEAD_DIM=head_dim, BLOCK_M=pre_block, BLOCK_D=block_d,
+        IS_VARLEN=varlen, HAS_DLSE=dlse is not None,
+    )
+    a_str = alibi_strides(alibi_slopes)
+    common = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
+        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0,
+        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0.0,
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    opt = (rng if rng is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+           cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy)
+    scalars = (hq, hq // hkv, seq_q, seq_k, softmax_scale * LOG2E, softmax_scale, float(dropout_p),
+               int(window[0]), int(window[1]))
+    in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
+                  *strides4(dout, varlen), *strides3(lse, varlen))
+    cfg = bwd_kv_config(head_dim, q.dtype)
+    _bwd_kv_kernel[(triton.cdiv(seq_k, cfg.block_n), hkv, batch)](
+        q, k, v, dout, lse, delta, dk, dv, *opt,
+        *in_strides, *strides4(dk, varlen), *strides4(dv, varlen), *a_str, *scalars,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **common,
+    )
+    cfg = bwd_q_config(head_dim, q.dtype)
+    _bwd_q_kernel[(triton.cdiv(seq_q, cfg.block_m), hq, batch)](
+        q, k, v, dout, lse, delta, dq, *opt,
+        *in_strides, *strides4(dq, varlen), *a_str, *scalars,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, REVERSE_M=window[1] >= 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    return dq, dk, dv

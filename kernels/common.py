@@ -1,0 +1,168 @@
+"""Pieces shared by the forward and backward kernels: masks, block ranges, dropout, configs.
+
+Mask convention (the same everywhere in flash_dist): query row ``i`` of a sequence with ``Sq``
+queries and ``Sk`` keys sits at key position ``i + Sk - Sq`` (bottom-right alignment). With a
+window ``(left, right)`` it sees keys ``j`` with ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``;
+a negative bound means unbounded on that side. ``causal`` is the window ``(left, 0)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+#: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def strides4(t, varlen: bool):
+    """(batch, head, seq, dim) strides; a varlen tensor (tokens, heads, dim) has no batch stride."""
+    return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else tuple(t.stride())
+
+
+def strides3(t, varlen: bool):
+    """(batch, head, seq) strides of an lse-shaped tensor; varlen lse is (heads, tokens)."""
+    return (0, t.stride(0), t.stride(1)) if varlen else tuple(t.stride())
+
+
+def alibi_strides(slopes):
+    """(batch, head) strides of ALiBi slopes given as (heads,) or (batch, heads)."""
+    if slopes is None:
+        return (0, 0)
+    return tuple(slopes.stride()) if slopes.dim() == 2 else (0, slopes.stride(0))
+
+
+@triton.jit
+def key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key blocks a query block [start_m, start_m + BLOCK_M) must visit, as three ranges.
+
+    Returns (lo, mid_lo, mid_hi, hi): blocks in [lo, mid_lo) and [mid_hi, hi) need the mask,
+    blocks in [mid_lo, mid_hi) are visible to every (real) row of the query block, so the inner
+    loop there skips all mask arithmetic.
+    """
+    shift = seqlen_k - seqlen_q
+    # the last real row; rows past seqlen_q are never stored, so they may see anything
+    last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(start_m + shift - win_left, 0)
+        full_lo = tl.maximum(last_m + shift - win_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(last_m + shift + win_right + 1, seqlen_k)
+        full_hi = tl.minimum(start_m + shift + win_right + 1, seqlen_k)
+    hi = tl.maximum(hi, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    lo = tl.minimum(lo, hi)
+    # a block is unmasked when it lies inside [full_lo, full_hi) entirely
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, lo), hi)
+    mid_hi = tl.minimum(tl.maximum((full_hi // BLOCK_N) * BLOCK_N, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query blocks that see some key of [start_n, start_n + BLOCK_N): the transpose of key_range."""
+    shift = seqlen_k - seqlen_q
+    last_n = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    lo = 0
+    hi = seqlen_q
+    full_lo = 0
+    full_hi = seqlen_q
+    if HAS_RIGHT:
+        # key j is visible to rows i >= j - shift - right
+        lo = tl.maximum(start_n - shift - win_right, 0)
+        full_lo = tl.maximum(last_n - shift - win_right, 0)
+    if HAS_LEFT:
+        # key j is visible to rows i <= j - shift + left
+        hi = tl.minimum(last_n - shift + win_left + 1, seqlen_q)
+        full_hi = tl.minimum(start_n - shift + win_left + 1, seqlen_q)
+    hi = tl.maximum(hi, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    lo = tl.minimum(lo, hi)
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_M) * BLOCK_M, lo), hi)
+    mid_hi = tl.minimum(tl.maximum((full_hi // BLOCK_M) * BLOCK_M, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def visible(offs_m, offs_n, seqlen_k, shift, win_left, win_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Boolean tile: may query ``offs_m`` (column vector) attend to key ``offs_n`` (row vector)?
+
+    Works for either orientation: pass ``offs_m[:, None], offs_n[None, :]`` or the transpose.
+    """
+    ok = offs_n < seqlen_k
+    if HAS_RIGHT:
+        ok = ok & (offs_n <= offs_m + shift + win_right)
+    if HAS_LEFT:
+        ok = ok & (offs_n >= offs_m + shift - win_left)
+    return ok
+
+
+@triton.jit
+def alibi_bias(slope_log2, offs_m, offs_n, shift):
+    """ALiBi in the log2 domain: -slope * |i + shift - j| * log2(e)."""
+    dist = offs_m + shift - offs_n
+    dist = tl.where(dist < 0, -dist, dist)
+    return -slope_log2 * dist.to(tl.float32)
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p):
+    """Keep-mask of element (query offs_m, key offs_n) of head ``bh``: one Philox draw each.
+
+    The counter is (key, query, batch*heads + head, offset), so the forward, the backward and
+    the debug mask regenerate the same bits in any tile shape or orientation; nothing is stored.
+    """
+    c0 = offs_n + offs_m * 0
+    c1 = offs_m + offs_n * 0
+    c2 = tl.zeros_like(c0) + bh
+    c3 = tl.zeros_like(c0) + rng_offset
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r0) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, RNG, stride_mb, stride_mh, stride_mm, H, SEQ_Q, SEQ_K, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    seed = tl.load(RNG)
+    rng_offset = tl.load(RNG + 1).to(tl.int32)
+    bh = pid_b * H + pid_h
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = MASK + pid_b.to(tl.int64) * stride_mb + pid_h.to(tl.int64) * stride_mh
+    for start_n in range(0, SEQ_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        ptrs = base + offs_m[:, None] * stride_mm + offs_n[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < SEQ_Q) & (offs_n[None, :] < SEQ_K))
+
+
+def dropout_mask(rng, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float):
+    """The keep-mask (bool, ``(batch, heads, seqlen_q, seqlen_k)``) the kernels use for ``rng``.
+
+    A debugging and testing aid: it materialises the S x S mask the kernels never store.
+    ``rng`` is the int64 ``(seed, offset)`` tensor passed to the attention op.
+    """
+    import torch
+
+    mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.int8, device=rng.device)
+    block = 32
+    grid = (triton.cdiv(seqlen_q, block), heads, batch)
+    _dropout_mask_kernel[grid](mask, rng, mask.stride(0), mask.stride(1), mask.stride(2), heads,
+                               seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return mask.bool()

@@ -1,0 +1,36 @@
+"""Comparison helpers for kernel tests: float64 references and per-dtype tolerances."""
+
+import torch
+
+# ||x - ref|| <= TOL * (||ref|| + sqrt(numel)): relative error with an absolute floor of the same
+# size, for outputs of order one (inputs are standard normal). bf16 rounds at ~4e-3, fp16 at
+# ~5e-4, fp32 with IEEE dots at ~1e-7.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# gradients pass through one more low-precision product (P or dS cast before the dot)
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(name, x, ref, tol):
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    err = (x.double() - ref.double()).norm().item()
+    bound = tol * (ref.double().norm().item() + ref.numel() ** 0.5)
+    assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e} (tol {tol:g})"
+
+
+def assert_lse_close(lse, ref):
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(lse), inf), "lse: -inf rows differ from the reference"
+    assert (lse[inf] < 0).all(), "lse: an empty row must be -inf"
+    fin = ~inf
+    if fin.any():
+        err = (lse[fin].double() - ref[fin]).abs().max().item()
+        assert err < 1e-4, f"lse: max abs error {err:.3e}"
+
+
+def randn(*shape, dtype, device, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def leaf64(*tensors):
+    return [t.detach().double().requires_grad_() for t in tensors]

@@ -1,0 +1,197 @@
+"""The kernels against a float64 reference: outputs, lse and gradients, every option, odd sizes."""
+
+import math
+
+import pytest
+import torch
+
+from flash_dist import flash_attention
+from flash_dist.kernels import attention_reference
+from flash_dist.kernels.backward import attention_backward
+from flash_dist.kernels.forward import attention_forward
+
+from .helpers import GRAD_TOL, TOL, assert_close, assert_lse_close, leaf64, randn
+
+CPU_DTYPES = [torch.float32, torch.float16]  # bf16 dots are broken in the interpreter: GPU only
+DTYPES = CPU_DTYPES + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+# (batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim)
+SHAPES = [
+    (1, 1, 1, 1, 1, 8),
+    (2, 2, 1, 17, 17, 40),      # GQA, sizes off the block grid
+    (1, 2, 2, 100, 100, 64),
+    (1, 4, 1, 17, 100, 64),     # MQA, fewer queries than keys (a KV cache)
+    (1, 2, 2, 100, 17, 128),    # more queries than keys: causal leaves rows with no key
+    (1, 1, 1, 256, 256, 64),
+    (2, 2, 1, 1, 256, 64),      # one-token decode
+]
+OPTIONS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window_size": (16, 0)},
+    "window_both": {"window_size": (8, 24)},
+    "left_only": {"window_size": (20, -1)},
+    "alibi": {"alibi": True},
+    "everything": {"causal": True, "window_size": (30, -1), "alibi": True, "softmax_scale": 0.3},
+}
+
+
+def _options(opts, heads, batch=None, device="cpu"):
+    kw = {k: v for k, v in opts.items() if k != "alibi"}
+    if opts.get("alibi"):
+        shape = (heads,) if batch is None else (batch, heads)
+        kw["alibi_slopes"] = torch.rand(shape, device=device) * 0.5 + 0.05
+    return kw
+
+
+def _check(shape, dtype, opts, device):
+    b, hq, hkv, sq, sk, d = shape
+    q = randn(b, hq, sq, d, dtype=dtype, device=device, requires_grad=True)
+    k = randn(b, hkv, sk, d, dtype=dtype, device=device, requires_grad=True)
+    v = randn(b, hkv, sk, d, dtype=dtype, device=device, requires_grad=True)
+    kw = _options(opts, hq, device=device)
+    out, lse = flash_attention(q, k, v, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, ref_lse = attention_reference(q64, k64, v64, **kw)
+    ref.backward(dout.double())
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, ref, TOL[dtype])
+    assert_lse_close(lse, ref_lse.detach())
+    for name, g, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert g.dtype == dtype
+        assert_close(name, g, r, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, opts, dtype, device):
+    torch.manual_seed(hash((shape, str(opts), str(dtype))) % 2**31)
+    _check(shape, dtype, opts, device)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 256])
+def test_other_head_dims(head_dim, device):
+    torch.manual_seed(head_dim)
+    _check((1, 2, 1, 33, 45, head_dim), torch.float16, {"causal": True}, device)
+
+
+def test_alibi_slopes_per_batch(device):
+    torch.manual_seed(0)
+    b, h, s, d = 2, 2, 40, 32
+    q, k, v = (randn(b, h, s, d, dtype=torch.float32, device=device, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(b, h, device=device)
+    out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes)
+    out.sum().backward()
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, _ = attention_reference(q64, k64, v64, causal=True, alibi_slopes=slopes)
+    ref.sum().backward()
+    assert_close("out", out, ref, TOL[torch.float32])
+    assert_close("dq", q.grad, q64.grad, GRAD_TOL[torch.float32])
+    # the two batch entries really used different slopes
+    same, _ = attention_reference(q64, k64, v64, causal=True, alibi_slopes=slopes[0])
+    assert (same[1] - ref[1]).abs().max() > 1e-3
+
+
+def test_strided_views_are_read_in_place(device):
+    """Hugging Face passes (B, S, H, D) tensors transposed to (B, H, S, D); fused qkv gives slices."""
+    torch.manual_seed(1)
+    b, s, h, d = 2, 50, 3, 64
+    qkv = randn(b, s, 3, h, d, dtype=torch.float16, device=device, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    assert not q.is_contiguous()
+    out = flash_attention(q, k, v, causal=True)
+    assert out.transpose(1, 2).is_contiguous()  # (B, S, H, D) memory order, like q
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    qkv64 = qkv.detach().double().requires_grad_()
+    q64, k64, v64 = (t.transpose(1, 2) for t in qkv64.unbind(2))
+    ref, _ = attention_reference(q64, k64, v64, causal=True)
+    ref.backward(dout.double())
+    assert_close("out", out, ref, TOL[torch.float16])
+    assert_close("dqkv", qkv.grad, qkv64.grad, GRAD_TOL[torch.float16])
+
+
+def test_output_layout_follows_q(device):
+    q = randn(2, 7, 4, 16, dtype=torch.float16, device=device).transpose(1, 2)
+    k = randn(2, 4, 7, 16, dtype=torch.float16, device=device)
+    out = flash_attention(q, k, k)
+    # (B, S, H, D) memory order kept, so out.transpose(1, 2).reshape(B, S, H * D) is free
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_every_output_element_is_written(device):
+    """Outputs poisoned with NaN before the launch must come back finite and right."""
+    torch.manual_seed(2)
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 70, 45, 40
+    dtype = torch.float16
+    q, k, v = randn(b, hq, sq, d, dtype=dtype, device=device), randn(b, hkv, sk, d, dtype=dtype, device=device), \
+        randn(b, hkv, sk, d, dtype=dtype, device=device)
+    kw = dict(softmax_scale=d ** -0.5, window=(-1, 0))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, hq, sq), float("nan"), device=device)
+    attention_forward(q, k, v, out=out, lse=lse, **kw)
+    dout = torch.randn_like(q)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    attention_backward(dout, q, k, v, out, lse, dq=grads[0], dk=grads[1], dv=grads[2], **kw)
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=True)
+    ref.backward(dout.double())
+    assert_close("out", out, ref, TOL[dtype])
+    assert_lse_close(lse, ref_lse.detach())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_gradient(causal, device):
+    """lse is differentiable (ring attention merges partial results through it)."""
+    torch.manual_seed(3)
+    b, h, sq, sk, d = 1, 2, 37, 53, 32
+    q = randn(b, h, sq, d, dtype=torch.float32, device=device, requires_grad=True)
+    k = randn(b, h, sk, d, dtype=torch.float32, device=device, requires_grad=True)
+    v = randn(b, h, sk, d, dtype=torch.float32, device=device, requires_grad=True)
+    out, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    torch.autograd.backward([out, lse], [g_out, g_lse])
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal)
+    torch.autograd.backward([ref, ref_lse], [g_out.double(), g_lse.double()])
+    for name, g, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[torch.float32])
+
+    # only the lse used: the output gradient is absent
+    q.grad = None
+    _, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    lse.backward(g_lse)
+    q64.grad = None
+    _, ref_lse = attention_reference(q64, k64, v64, causal=causal)
+    ref_lse.backward(g_lse.double())
+    assert_close("dq (lse only)", q.grad, q64.grad, GRAD_TOL[torch.float32])
+
+
+def test_backward_is_bitwise_deterministic(device):
+    torch.manual_seed(4)
+    b, hq, hkv, s, d = 2, 4, 1, 90, 64
+    q = randn(b, hq, s, d, dtype=torch.float16, device=device, requires_grad=True)
+    k = randn(b, hkv, s, d, dtype=torch.float16, device=device, requires_grad=True)
+    v = randn(b, hkv, s, d, dtype=torch.float16, device=device, requires_grad=True)
+    dout = torch.randn(b, hq, s, d, dtype=torch.float16, device=device)
+    runs = []
+    for _ in range(2):
+        q.grad = k.grad = v.grad = None
+        flash_attention(q, k, v, causal=True, deterministic=True).backward(dout)
+        runs.append([t.grad.clone() for t in (q, k, v)])
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(device):
+    torch.manual_seed(5)
+    q, k, v = (randn(1, 1, 20, 24, dtype=torch.float32, device=device) for _ in range(3))
+    a = flash_attention(q, k, v)
+    b = flash_attention(q, k, v, softmax_scale=1 / math.sqrt(24))
+    assert torch.equal(a, b)
