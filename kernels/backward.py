@@ -87,11 +87,11 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
             sT += alibi_bias(slope_log2, offs_m[None, :], offs_n[:, None], shift)
-        pT = tl.math.exp2(sT - lse[None, :])
         if MASKED:
             ok = visible(offs_m[None, :], offs_n[:, None], seqlen_k, shift, win_left, win_right,
                          HAS_LEFT, HAS_RIGHT)
-            pT = tl.where(ok, pT, 0.0)
+            sT = tl.where(ok, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse[None, :])
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
         if DOT_FP32:
             do = do.to(tl.float32)
@@ -238,11 +238,11 @@ def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
             s += alibi_bias(slope_log2, offs_m[:, None], offs_n[None, :], shift)
-        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             ok = visible(offs_m[:, None], offs_n[None, :], seqlen_k, shift, win_left, win_right,
                          HAS_LEFT, HAS_RIGHT)
-            p = tl.where(ok, p, 0.0)
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
