@@ -1,0 +1,5 @@
+"""Single-device models built on :func:`flash_dist.flash_attention`."""
+
+from flash_dist.models.gpt2 import GPT2, Block, CausalSelfAttention, GPT2Config, alibi_slopes
+
+__all__ = ["GPT2", "Block", "CausalSelfAttention", "GPT2Config", "alibi_slopes"]
