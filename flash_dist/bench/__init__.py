@@ -1,0 +1,1 @@
+"""Benchmarks: attention kernels, model swaps, training throughput."""
