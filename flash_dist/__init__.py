@@ -1,7 +1,8 @@
 """flash-dist: FlashAttention kernels in Triton and a Lightning strategy for long sequences."""
 
 from flash_dist.kernels import flash_attention, flash_attention_varlen
+from flash_dist.swap import register_attention, restore_attention, swap_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attention", "flash_attention_varlen"]
+__all__ = ["flash_attention", "flash_attention_varlen", "register_attention", "restore_attention", "swap_attention"]
