@@ -1,0 +1,71 @@
+"""Shared pieces of the swap tests: a kernel-call counter, tiny models and comparisons."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# fp32 end-to-end through a couple of layers: the kernel and PyTorch's SDPA differ by rounding
+# only (~1e-7 relative per op); errors are measured like the kernel tests, as a norm relative to
+# the reference's norm plus an absolute floor
+TOL = 1e-5
+
+
+class KernelCalls(TorchDispatchMode):
+    """Counts the flash-dist kernel ops that actually run (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "flash_dist":
+            self.counts[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def forward(self) -> int:
+        return self.counts["attn_fwd"]
+
+    @property
+    def backward(self) -> int:
+        return self.counts["attn_bwd"]
+
+
+@contextlib.contextmanager
+def kernel_calls():
+    mode = KernelCalls()
+    with mode:
+        yield mode
+
+
+def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    err = (x.double() - ref.double()).norm().item()
+    bound = tol * (ref.double().norm().item() + ref.numel() ** 0.5)
+    assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e}"
+
+
+def assert_grads_close(model: torch.nn.Module, ref_model: torch.nn.Module, tol: float = TOL) -> None:
+    ref = dict(ref_model.named_parameters())
+    compared = 0
+    for name, p in model.named_parameters():
+        r = ref[name]
+        if r.grad is None:
+            assert p.grad is None or not p.grad.any(), f"{name}: gradient where the reference has none"
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        assert_close(f"grad {name}", p.grad, r.grad, tol)
+        compared += 1
+    assert compared > 0, "no gradients compared"
+
+
+def assert_state_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key

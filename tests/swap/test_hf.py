@@ -1,0 +1,215 @@
+"""Hugging Face transformers models swapped onto the kernel: GPT-2, Llama (GQA), BERT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import flash_dist  # noqa: E402
+from flash_dist.swap import AttentionSwapError, hf  # noqa: E402
+
+from . import models  # noqa: E402
+from .helpers import assert_close, assert_grads_close, assert_state_identical, kernel_calls  # noqa: E402
+
+BUILDERS = {"gpt2": models.gpt2, "llama": models.llama, "bert": models.bert}
+
+
+def _batch(device, batch=2, seq=12, padding=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, models.VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padding == "mixed":  # first row left-padded, second right-padded
+        mask[0, :3] = 0
+        mask[1, seq - 4:] = 0
+    return ids.to(device), mask.to(device)
+
+
+def _out(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("padding", [None, "mixed"])
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_outputs_and_gradients_match(family, padding, device):
+    torch.manual_seed(0)
+    model = BUILDERS[family]().to(device)
+    ref = copy.deepcopy(model)
+    report = flash_dist.swap_attention(model)
+    assert len(report.swapped) == 2 and not report.skipped
+    ids, mask = _batch(device, padding=padding)
+    with kernel_calls() as calls:
+        out = _out(model, ids, mask)
+    expected = _out(ref, ids, mask)
+    assert calls.forward == 2
+    real = mask.bool()  # outputs at padding positions carry nothing and are not compared
+    assert_close("output", out[real], expected[real])
+    weight = torch.randn_like(out)
+    with kernel_calls() as calls:
+        (out[real] * weight[real]).sum().backward()
+    (expected[real] * weight[real]).sum().backward()
+    assert calls.backward == 2
+    assert_grads_close(model, ref)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_with_kv_cache_is_identical(family, device):
+    """Prefill (Sq = Sk, left padding) then one-token decode steps (Sq = 1 < Sk) through the cache."""
+    torch.manual_seed(1)
+    model = BUILDERS[family]().to(device)
+    ref = copy.deepcopy(model)
+    flash_dist.swap_attention(model)
+    ids, mask = _batch(device, seq=6, padding=None, seed=3)
+    mask[0, :2] = 0
+    args = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with kernel_calls() as calls:
+        tokens = model.generate(ids, **args)
+    assert calls.forward == 2 * 5  # two layers, prefill plus four cached decode steps
+    assert torch.equal(tokens, ref.generate(ids, **args))
+
+
+def test_chunked_prefill_with_cache_matches(device):
+    """A second chunk of several tokens against a cache: Sq > 1 and Sk > Sq, causal bottom-right."""
+    torch.manual_seed(2)
+    model = models.gpt2().to(device)
+    ref = copy.deepcopy(model)
+    flash_dist.swap_attention(model)
+    ids, _ = _batch(device, seq=14, seed=4)
+    results = []
+    for m in (model, ref):
+        first = m(input_ids=ids[:, :9], use_cache=True)
+        second = m(input_ids=ids[:, 9:], cache=first.cache, use_cache=True)
+        results.append(second.logits)
+    assert_close("second chunk", *results)
+
+
+def test_scale_attn_by_inverse_layer_idx_reaches_the_kernel():
+    model = models.gpt2()
+    report = flash_dist.swap_attention(model)
+    assert [row.options["scale"] for row in report] == ["0.25", "0.125"]  # head_dim 16, layers 1 and 2
+
+
+def test_attention_dropout_is_sane(device):
+    """Training mode uses the kernel's dropout: reproducible per seed, varying across seeds, and
+    unbiased: the mean over many draws converges to the dropout-free output."""
+    torch.manual_seed(3)
+    model = models.gpt2(n_layer=1, attn_pdrop=0.3).to(device)
+    flash_dist.swap_attention(model)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 16, 32, device=device)
+    with torch.no_grad():
+        expected = attn(x)[0]
+        attn.train()
+        torch.manual_seed(7)
+        first = attn(x)[0]
+        torch.manual_seed(7)
+        assert torch.equal(attn(x)[0], first)
+        samples = torch.stack([attn(x)[0] for _ in range(48)])
+    spread = samples.std(0)
+    assert (spread > 0).float().mean() > 0.9, "dropout does not vary the output"
+    z = (samples.mean(0) - expected) / (spread / samples.shape[0] ** 0.5)
+    # z is about standard normal per element when the mean is unbiased: E[z^2] ~ 1 (a missing
+    # 1/(1-p) rescaling makes it ~25 here)
+    assert (z ** 2).mean() < 1.6
+
+
+def test_dropout_is_passed_in_training_only(device, monkeypatch):
+    model = models.gpt2(attn_pdrop=0.2).to(device)
+    flash_dist.swap_attention(model)
+    ids, _ = _batch(device)
+    seen = []
+    original = hf.attend
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "attend", spy)
+    model.eval()(input_ids=ids)
+    model.train()(input_ids=ids)
+    assert seen == [0.0, 0.0, 0.2, 0.2]
+
+
+def test_output_attentions_is_refused_or_falls_back(device):
+    model = models.gpt2().to(device)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids, mask = _batch(device, padding="mixed")
+    flash_dist.swap_attention(model)
+    with pytest.raises(AttentionSwapError, match=r"transformer\.h\.0\.attn.*output_attentions"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    flash_dist.restore_attention(model)
+    flash_dist.swap_attention(model, strict=False)
+    with pytest.warns(UserWarning, match="falls back") as warned:
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "'transformer.h.0.attn'" in messages and "'transformer.h.1.attn'" in messages
+    ref = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == 2
+    real = mask.bool()
+    for layer, (a, r) in enumerate(zip(out.attentions, ref.attentions)):
+        rows = real[:, None, :, None].expand_as(r)  # rows of padding queries are not defined
+        assert_close(f"attentions[{layer}]", a[rows], r[rows])
+    assert_close("logits", out.logits[real], ref.logits[real])
+
+
+def test_masks_the_kernel_cannot_honour_are_refused(device):
+    model = models.gpt2().to(device)
+    ref = copy.deepcopy(model)
+    ids, _ = _batch(device, seq=8)
+    bias = torch.randn(2, 1, 8, 8, device=device)  # an arbitrary additive mask
+    flash_dist.swap_attention(model)
+    with pytest.raises(AttentionSwapError, match=r"transformer\.h\.0\.attn.*float32 \(additive\)"):
+        model(input_ids=ids, attention_mask=bias)
+    block = torch.ones(8, 8, dtype=torch.bool, device=device).tril()[None, None].expand(2, 1, 8, 8)
+    with pytest.raises(AttentionSwapError, match="varies per query"):
+        model(input_ids=ids, attention_mask=block)
+    flash_dist.restore_attention(model)
+    flash_dist.swap_attention(model, strict=False)
+    with pytest.warns(UserWarning, match="additive"):
+        out = model(input_ids=ids, attention_mask=bias).logits
+    assert_close("fallback logits", out, ref(input_ids=ids, attention_mask=bias).logits)
+
+
+def test_packed_sequences_are_refused_not_ignored(device):
+    """position_ids restarting inside a row makes transformers build a block-diagonal mask."""
+    model = models.llama().to(device)
+    flash_dist.swap_attention(model)
+    ids, _ = _batch(device, batch=1, seq=8)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]], device=device)
+    with pytest.raises(AttentionSwapError, match=r"model\.layers\.0\.self_attn.*packed sequences"):
+        model(input_ids=ids, position_ids=position_ids, use_cache=False)
+
+
+def test_restore_is_exact_and_swapping_twice_is_a_no_op(device):
+    model = models.gpt2().to(device)
+    never = copy.deepcopy(model)
+    ids, mask = _batch(device, padding="mixed")
+    first = flash_dist.swap_attention(model)
+    assert flash_dist.swap_attention(model) is first
+    assert model.config._attn_implementation == hf.IMPLEMENTATION
+    model(input_ids=ids, attention_mask=mask)
+    flash_dist.restore_attention(model)
+    assert model.config._attn_implementation == never.config._attn_implementation == "sdpa"
+    with kernel_calls() as calls:
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert calls.forward == 0
+    assert torch.equal(out, never(input_ids=ids, attention_mask=mask).logits)
+    assert_state_identical(model, never)
+    flash_dist.restore_attention(model)  # restoring an unswapped model does nothing
+
+
+def test_model_inside_a_wrapper_and_with_eager_original(device):
+    """A transformers model held by another module (as in a LightningModule); the recorded
+    implementation (here eager) is what restore puts back."""
+    wrapper = torch.nn.ModuleDict({"lm": models.gpt2(n_layer=1)}).to(device)
+    wrapper["lm"].set_attn_implementation("eager")
+    report = flash_dist.swap_attention(wrapper)
+    assert [row.path for row in report] == ["lm.transformer.h.0.attn"]
+    assert "AttentionInterface" in str(report)
+    flash_dist.restore_attention(wrapper)
+    assert wrapper["lm"].config._attn_implementation == "eager"
