@@ -66,6 +66,9 @@ def _method_fn(method: str, causal: bool, seqlen: int):
     if method == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        # a fresh compile per shape: past dynamo's recompile limit flex falls back to an
+        # unfused path that materialises S x S scores
+        torch._dynamo.reset()
         compiled = torch.compile(flex_attention, dynamic=False)
         mask = None
         if causal:
