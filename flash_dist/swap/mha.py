@@ -39,6 +39,25 @@ def _is_causal_mask(mask: Tensor, sq: int, sk: int) -> bool:
     return torch.equal(mask, torch.zeros_like(mask).masked_fill(above, float("-inf")))
 
 
+def _boolean_padding(mask: Tensor) -> tuple[Tensor, Optional[str]]:
+    """``key_padding_mask`` as bool (True = ignore), or why it is not a padding mask.
+
+    Float masks are additive; ``nn.TransformerEncoder`` turns boolean ones into 0 / -inf floats
+    before its layers see them. Only such 0 / -inf masks are padding; checking that reads the
+    values, which cannot be done while compiling.
+    """
+    if mask.dtype == torch.bool:
+        return mask, None
+    if not mask.is_floating_point():
+        return mask, f"key_padding_mask has dtype {mask.dtype}; boolean or 0/-inf float masks are supported"
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return mask, "a float key_padding_mask cannot be checked for 0/-inf values while compiling; pass a boolean one"
+    ignored = torch.isneginf(mask)
+    if not bool((ignored | (mask == 0)).all()):
+        return mask, "key_padding_mask holds additive values other than 0 and -inf"
+    return ignored, None
+
+
 def _keep_out_of_fused_paths(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook that does nothing.
 
@@ -56,8 +75,9 @@ class FlashMultiheadAttention(nn.MultiheadAttention):
     optimizer parameter groups are unchanged. Same call signature and conventions as
     ``nn.MultiheadAttention.forward``; returns ``(output, None)``.
 
-    Honoured: ``batch_first`` either way, unbatched input, ``kdim``/``vdim``, boolean
-    ``key_padding_mask`` (True = ignore, as in PyTorch; run as one varlen call), causal
+    Honoured: ``batch_first`` either way, unbatched input, ``kdim``/``vdim``,
+    ``key_padding_mask`` (True = ignore, as in PyTorch, or its 0 / -inf float form that
+    ``nn.TransformerEncoder`` passes down; run as one varlen call), causal
     attention given as ``is_causal=True`` with its ``attn_mask`` or as an ``attn_mask`` equal
     to ``nn.Transformer.generate_square_subsequent_mask`` (float or boolean), dropout in
     training. With causal masking plus key padding, outputs at padded query positions are 0
@@ -66,7 +86,8 @@ class FlashMultiheadAttention(nn.MultiheadAttention):
     Rejected with :class:`flash_dist.swap.AttentionSwapError` naming the module (or, with
     ``strict=False``, computed by ``nn.MultiheadAttention.forward`` after a warning):
     ``need_weights=True`` (PyTorch's default: pass ``need_weights=False``), other
-    ``attn_mask`` patterns, float ``key_padding_mask``, nested tensors.
+    ``attn_mask`` patterns, float ``key_padding_mask`` with other values (or any float one
+    while compiling), nested tensors.
     """
 
     swap_path: str
@@ -102,8 +123,8 @@ class FlashMultiheadAttention(nn.MultiheadAttention):
                        "which the kernel never forms; call it with need_weights=False")
         elif any(t.is_nested for t in (query, key, value)):
             problem = "nested tensor inputs are not supported"
-        elif key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            problem = f"key_padding_mask has dtype {key_padding_mask.dtype}; only boolean masks are supported"
+        if problem is None and key_padding_mask is not None:
+            key_padding_mask, problem = _boolean_padding(key_padding_mask)
         if problem is not None:
             return refuse(self.swap_path, self.swap_strict, _KIND, problem, original)
 
