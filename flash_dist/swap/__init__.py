@@ -89,6 +89,8 @@ def swap_attention(model: nn.Module, *, strict: bool = True) -> SwapReport:
         for record in reversed(records):
             record.undo()
         raise
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    rows.sort(key=lambda row: order.get(row.path, len(order)))  # read top-down, as the model prints
     report = SwapReport(type(model).__name__, rows)
     if strict and not report.swapped:
         raise AttentionSwapError(_nothing_found(model))
