@@ -16,10 +16,18 @@ def attention_weights_requested() -> bool:
     ``@capture_outputs`` decorator of the model's forward records the attention module's second
     output through a hook, and keeps the request in ``output_capturing._active_collector``.
     A kernel that returns no weights would silently give empty ``outputs.attentions``.
+
+    Under ``torch.compile`` the request is readable only when the model's forward itself is
+    compiled (transformers then keeps it in a plain attribute); Dynamo cannot read a
+    ``ContextVar`` set outside the compiled region, and then this returns False.
     """
+    import torch
     from transformers.utils import output_capturing
 
-    collected = output_capturing._active_collector.get()
+    collector = output_capturing._active_collector
+    if torch.compiler.is_compiling() and not collector.compiling:
+        return False
+    collected = collector.get()
     return bool(collected) and any(key.endswith("attentions") for key in collected)
 
 

@@ -144,7 +144,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     q, k, v = autocast_inputs(query, key, value)
     problem = kernel_problem(q, k, v)
-    if kwargs.get("output_attentions") or (not _is_tracing() and _compat.attention_weights_requested()):
+    if kwargs.get("output_attentions") or _compat.attention_weights_requested():
         problem = "attention weights were requested (output_attentions=True) but the kernel never forms them"
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
