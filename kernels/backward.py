@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, query_range,
                      strides3, strides4, visible)
-from .tuning import bwd_kv_config, bwd_q_config
+from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
 
 
 @triton.jit
@@ -113,6 +113,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
     return dk, dv
 
 
+@autotuned(BWD_KV)
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, RNG, ALIBI, CU_Q, CU_K,
@@ -124,7 +125,7 @@ def _bwd_kv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_ab, stride_ah,
-    H, GROUP, SEQ_Q, SEQ_K,
+    H, GROUP, SEQ_Q, SEQ_K, SEQ_BUCKET,
     qk_scale, sm_scale, dropout_p, win_left, win_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -254,6 +255,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
     return dq
 
 
+@autotuned(BWD_Q)
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, RNG, ALIBI, CU_Q, CU_K,
@@ -264,7 +266,7 @@ def _bwd_q_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_ab, stride_ah,
-    H, GROUP, SEQ_Q, SEQ_K,
+    H, GROUP, SEQ_Q, SEQ_K, SEQ_BUCKET,
     qk_scale, sm_scale, dropout_p, win_left, win_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -351,11 +353,12 @@ def _bwd_q_kernel(
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window: tuple[int, int],
                        alibi_slopes=None, dropout_p: float = 0.0, rng=None, dlse=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-                       max_seqlen_k: int = 0, dq=None, dk=None, dv=None):
+                       max_seqlen_k: int = 0, dq=None, dk=None, dv=None, kv_config=None, q_config=None):
     """Launch the three backward kernels; returns (dq, dk, dv) shaped and strided like q, k, v.
 
     ``dlse`` is the gradient flowing into the log-sum-exp output (``None`` when it is unused).
-    ``dq``/``dk``/``dv`` may be given preallocated.
+    ``dq``/``dk``/``dv`` may be given preallocated; ``kv_config``/``q_config`` (``triton.Config``)
+    bypass autotuning of the dK/dV and dQ kernels.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -391,22 +394,14 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     )
     opt = (rng if rng is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
            cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy)
-    scalars = (hq, hq // hkv, seq_q, seq_k, softmax_scale * LOG2E, softmax_scale, float(dropout_p),
+    scalars = (hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k), softmax_scale * LOG2E, softmax_scale, float(dropout_p),
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))
-    cfg = bwd_kv_config(head_dim, q.dtype)
-    _bwd_kv_kernel[(triton.cdiv(seq_k, cfg.block_n), hkv, batch)](
-        q, k, v, dout, lse, delta, dk, dv, *opt,
-        *in_strides, *strides4(dk, varlen), *strides4(dv, varlen), *a_str, *scalars,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **common,
-    )
-    cfg = bwd_q_config(head_dim, q.dtype)
-    _bwd_q_kernel[(triton.cdiv(seq_q, cfg.block_m), hq, batch)](
-        q, k, v, dout, lse, delta, dq, *opt,
-        *in_strides, *strides4(dq, varlen), *a_str, *scalars,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, REVERSE_M=window[1] >= 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-    )
+    launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
+           (q, k, v, dout, lse, delta, dk, dv, *opt, *in_strides, *strides4(dk, varlen),
+            *strides4(dv, varlen), *a_str, *scalars), common, kv_config)
+    launch(_bwd_q_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), hq, batch),
+           (q, k, v, dout, lse, delta, dq, *opt, *in_strides, *strides4(dq, varlen), *a_str, *scalars),
+           {**common, "REVERSE_M": window[1] >= 0}, q_config)
     return dq, dk, dv

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, strides3,
                      strides4, visible)
-from .tuning import fwd_config
+from .tuning import FWD, autotuned, launch, seq_bucket
 
 
 @triton.jit
@@ -70,6 +70,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
     return acc, l_i, m_i
 
 
+@autotuned(FWD)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, RNG, ALIBI, CU_Q, CU_K,
@@ -79,7 +80,7 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     stride_ab, stride_ah,
-    H, GROUP, SEQ_Q, SEQ_K,
+    H, GROUP, SEQ_Q, SEQ_K, SEQ_BUCKET,
     qk_scale, dropout_p, win_left, win_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -179,12 +180,13 @@ def _fwd_kernel(
 def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
                       alibi_slopes=None, dropout_p: float = 0.0, rng=None,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-                      max_seqlen_k: int = 0, out=None, lse=None):
+                      max_seqlen_k: int = 0, out=None, lse=None, config=None):
     """Launch the forward kernel. Inputs are assumed validated (see ``validate.py``).
 
     Dense: q ``(B, Hq, Sq, D)``, k/v ``(B, Hkv, Sk, D)``, any strides; returns out like q and
     lse ``(B, Hq, Sq)`` fp32. Varlen (``cu_seqlens_q`` given): q ``(Tq, Hq, D)``, k/v
-    ``(Tk, Hkv, D)``, lse ``(Hq, Tq)``. ``out``/``lse`` may be given preallocated.
+    ``(Tk, Hkv, D)``, lse ``(Hq, Tq)``. ``out``/``lse`` may be given preallocated; ``config`` (a
+    ``triton.Config``) bypasses autotuning.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -200,26 +202,27 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
     if lse is None:
         lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, seq_q)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    cfg = fwd_config(head_dim, q.dtype, seq_q, seq_k, causal=window[1] == 0)
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    grid = (triton.cdiv(seq_q, cfg.block_m), hq, batch)
+    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
     dummy = lse  # stands in for absent optional pointers; never read
-    _fwd_kernel[grid](
+    args = (
         q, k, v, out, lse,
         rng if rng is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
         cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(out, varlen),
         *strides3(lse, varlen), *alibi_strides(alibi_slopes),
-        hq, hq // hkv, seq_q, seq_k,
+        hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k),
         softmax_scale * LOG2E, float(dropout_p), int(window[0]), int(window[1]),
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+    )
+    meta = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
         IS_VARLEN=varlen, HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0,
         HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0.0,
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         REVERSE_M=window[1] >= 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    launch(_fwd_kernel, grid, args, meta, config)
     return out, lse
 

@@ -1,61 +1,93 @@
-"""Block sizes, warps and pipeline depth per kernel, chosen from the problem's shape.
+"""Tile sizes, warps and pipeline depth for each kernel, autotuned on the GPU.
 
-Under the Triton interpreter small tiles keep CPU tests quick and still cross block edges.
+Each kernel gets a small candidate list per head-dim class (<= 64, <= 128, <= 256, and fp32);
+Triton's autotuner times the candidates the first time it meets a new key (head_dim, sequence
+bucket, mask flags, dtype) and caches the winner on disk. The first candidate of each list is
+the default, used alone when ``FLASH_DIST_AUTOTUNE=0`` and under the interpreter (whose small
+tiles keep CPU tests quick and still cross block edges).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 
 import torch
+import triton
 
 from .common import INTERPRET
 
-
-@dataclass(frozen=True)
-class KernelConfig:
-    block_m: int
-    """Query rows per tile."""
-    block_n: int
-    """Key rows per tile."""
-    num_warps: int
-    num_stages: int
+AUTOTUNE = not INTERPRET and os.environ.get("FLASH_DIST_AUTOTUNE", "1") != "0"
+KEY = ["HEAD_DIM", "SEQ_BUCKET", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"]
 
 
-def fwd_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, seqlen_k: int, *, causal: bool) -> KernelConfig:
-    if INTERPRET:
-        return KernelConfig(32, 32, 4, 1)
+def _c(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# (block_m, block_n, warps, stages); first = default
+FWD = {
+    64: [_c(128, 64, 4, 3), _c(128, 128, 8, 3), _c(128, 64, 4, 4), _c(128, 128, 4, 3), _c(64, 64, 4, 3)],
+    128: [_c(128, 64, 8, 3), _c(128, 128, 8, 2), _c(128, 64, 4, 3), _c(64, 64, 4, 3)],
+    256: [_c(64, 32, 4, 2), _c(64, 64, 8, 2), _c(128, 32, 8, 2)],
+    "fp32": [_c(64, 32, 4, 2), _c(32, 32, 4, 1)],
+}
+# dK/dV: block_n key rows stay resident, block_m query rows stream past
+BWD_KV = {
+    64: [_c(64, 128, 8, 2), _c(32, 128, 4, 3), _c(64, 128, 4, 2), _c(32, 64, 4, 3), _c(64, 64, 4, 3)],
+    128: [_c(32, 128, 8, 2), _c(64, 128, 8, 2), _c(32, 64, 4, 3), _c(64, 64, 8, 2)],
+    256: [_c(32, 64, 8, 1), _c(16, 64, 4, 2), _c(32, 32, 4, 2)],
+    "fp32": [_c(32, 64, 4, 1), _c(16, 32, 4, 1)],
+}
+# dQ: block_m query rows stay resident, block_n key rows stream past
+BWD_Q = {
+    64: [_c(128, 64, 8, 2), _c(128, 32, 4, 3), _c(64, 64, 4, 3), _c(128, 128, 8, 2)],
+    128: [_c(128, 32, 8, 2), _c(64, 64, 4, 2), _c(128, 64, 8, 2)],
+    256: [_c(64, 32, 8, 1), _c(32, 32, 4, 2)],
+    "fp32": [_c(64, 32, 4, 1), _c(32, 16, 4, 1)],
+}
+INTERPRETER_CONFIG = _c(32, 32, 4, 1)
+
+
+def _space_key(head_dim: int, dtype) -> object:
     if dtype == torch.float32:
-        # fp32 tiles are twice the bytes: halve them to stay inside shared memory
-        return KernelConfig(64, 32, 4, 2) if head_dim <= 128 else KernelConfig(32, 32, 4, 1)
-    if head_dim <= 64:
-        return KernelConfig(128, 64, 4, 3)
-    if head_dim <= 128:
-        return KernelConfig(128, 64, 8, 3)
-    return KernelConfig(64, 32, 4, 2)
+        return "fp32"
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def bwd_kv_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """dK/dV kernel: block_n key rows resident, block_m query rows streamed."""
+def seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """Sequence-length class for the autotuning key: short, medium or long."""
+    s = max(seqlen_q, seqlen_k)
+    return 1024 if s <= 1024 else 4096 if s <= 4096 else 16384
+
+
+def candidates(space: dict) -> list[triton.Config]:
     if INTERPRET:
-        return KernelConfig(32, 32, 4, 1)
-    if dtype == torch.float32:
-        return KernelConfig(32, 64, 4, 1) if head_dim <= 128 else KernelConfig(16, 32, 4, 1)
-    if head_dim <= 64:
-        return KernelConfig(64, 128, 8, 2)
-    if head_dim <= 128:
-        return KernelConfig(32, 128, 8, 2)
-    return KernelConfig(32, 64, 8, 1)
+        return [INTERPRETER_CONFIG]
+    return [cfg for group in space.values() for cfg in group]
 
 
-def bwd_q_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """dQ kernel: block_m query rows resident, block_n key rows streamed."""
-    if INTERPRET:
-        return KernelConfig(32, 32, 4, 1)
-    if dtype == torch.float32:
-        return KernelConfig(64, 32, 4, 1) if head_dim <= 128 else KernelConfig(32, 16, 4, 1)
-    if head_dim <= 64:
-        return KernelConfig(128, 64, 8, 2)
-    if head_dim <= 128:
-        return KernelConfig(128, 32, 8, 2)
-    return KernelConfig(64, 32, 8, 1)
+def pruner(space: dict):
+    """Keep the candidates of this call's head-dim class (only the default without autotuning)."""
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        args = {**named_args, **kwargs}
+        group = space[_space_key(args["HEAD_DIM"], args["Q"].dtype)]
+        return group if AUTOTUNE else group[:1]
+
+    return prune
+
+
+def autotuned(space: dict):
+    """Decorator: ``triton.autotune`` over ``space`` with the shared key and pruning."""
+    return triton.autotune(configs=candidates(space), key=KEY, prune_configs_by={"early_config_prune": pruner(space)},
+                           cache_results=True)
+
+
+def launch(kernel, grid, args, kwargs, config: triton.Config | None = None):
+    """Run an autotuned kernel, or, with ``config``, its plain Triton function with that config."""
+    if config is None:
+        return kernel[grid](*args, **kwargs)
+    return kernel.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                           num_stages=config.num_stages)

@@ -93,3 +93,40 @@ def test_compiled_with_inductor():
     loss.backward()
     ref = flash_attention(q * 1.5, k, v, causal=True).float().square().mean()
     assert torch.allclose(loss, ref, rtol=1e-3)
+
+
+def _tuning_cases():
+    from flash_dist.kernels import tuning
+
+    cases = []
+    for cls, dtype, d in ((64, torch.bfloat16, 64), (128, torch.bfloat16, 128), (256, torch.bfloat16, 256),
+                          ("fp32", torch.float32, 64)):
+        n = max(len(tuning.FWD[cls]), len(tuning.BWD_KV[cls]), len(tuning.BWD_Q[cls]))
+        for i in range(n):
+            pick = lambda space: space[cls][i % len(space[cls])]  # noqa: E731
+            cases.append(pytest.param(dtype, d, pick(tuning.FWD), pick(tuning.BWD_KV), pick(tuning.BWD_Q),
+                                      id=f"{cls}-{i}"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype,head_dim,fwd_cfg,kv_cfg,q_cfg", _tuning_cases())
+def test_every_autotune_candidate_is_exact(dtype, head_dim, fwd_cfg, kv_cfg, q_cfg):
+    """Autotuning may pick any candidate: each must be right on off-grid sizes with masks."""
+    from flash_dist.kernels.backward import attention_backward
+    from flash_dist.kernels.forward import attention_forward
+
+    torch.manual_seed(head_dim)
+    b, hq, hkv, sq, sk = 1, 4, 2, 777, 1001
+    q = torch.randn(b, hq, sq, head_dim, dtype=dtype, device="cuda")
+    k, v = (torch.randn(b, hkv, sk, head_dim, dtype=dtype, device="cuda") for _ in range(2))
+    kw = dict(softmax_scale=head_dim ** -0.5, window=(300, 0))
+    out, lse = attention_forward(q, k, v, config=fwd_cfg, **kw)
+    dout = torch.randn_like(out)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, kv_config=kv_cfg, q_config=q_cfg, **kw)
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=True, window_size=(300, -1))
+    ref.backward(dout.double())
+    assert_close("out", out, ref, TOL[dtype])
+    assert_lse_close(lse, ref_lse.detach())
+    for name, g, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[dtype])
