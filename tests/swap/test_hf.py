@@ -213,3 +213,38 @@ def test_model_inside_a_wrapper_and_with_eager_original(device):
     assert "AttentionInterface" in str(report)
     flash_dist.restore_attention(wrapper)
     assert wrapper["lm"].config._attn_implementation == "eager"
+
+
+def test_cross_attention_with_encoder_padding(device):
+    """GPT-2 cross-attention: not causal, Sq != Sk, the encoder's padding masks keys only."""
+    torch.manual_seed(5)
+    model = models.gpt2(n_layer=1, add_cross_attention=True).to(device)
+    ref = copy.deepcopy(model)
+    report = flash_dist.swap_attention(model)
+    assert [(r.path, r.options["causal"]) for r in report] == [
+        ("transformer.h.0.attn", "True"), ("transformer.h.0.crossattention", "False")]
+    ids, _ = _batch(device, seq=6)
+    encoder = torch.randn(2, 9, 32, device=device)
+    encoder_mask = torch.ones(2, 9, dtype=torch.long, device=device)
+    encoder_mask[1, 5:] = 0
+    args = dict(input_ids=ids, encoder_hidden_states=encoder, encoder_attention_mask=encoder_mask)
+    with kernel_calls() as calls:
+        out = model(**args).logits
+    assert calls.forward == 2
+    assert_close("logits", out, ref(**args).logits)
+
+
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(6)
+    model = models.gpt2().to(device)
+    ref = copy.deepcopy(model)
+    flash_dist.swap_attention(model)
+    ids, _ = _batch(device)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
+    expected = ref(input_ids=ids).logits
+    assert_close("compiled logits", out, expected)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    assert_grads_close(model, ref)
+    torch._dynamo.reset()
