@@ -57,10 +57,11 @@ def test_mask_creation_hands_over_plain_patterns():
     config = models.gpt2(n_layer=1).config
     config._attn_implementation = hf.IMPLEMENTATION
     embeds = torch.zeros(2, 5, 32)
-    assert create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None) is None
+    # the cache argument is passed by position: its name changed within transformers 5.x
+    assert create_causal_mask(config, embeds, None, None) is None
     padding = torch.ones(2, 5, dtype=torch.long)
     padding[0, :2] = 0
-    mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, cache=None)
+    mask = create_causal_mask(config, embeds, padding, None)
     assert mask.dtype == torch.bool and torch.equal(mask, padding.bool())
     mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=padding)
     assert torch.equal(mask, padding.bool()[:, None, None, :])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -80,9 +81,11 @@ def test_chunked_prefill_with_cache_matches(device):
     flash_dist.swap_attention(model)
     ids, _ = _batch(device, seq=14, seed=4)
     results = []
+    # the cache's name changed within transformers 5.x (past_key_values -> cache)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for m in (model, ref):
         first = m(input_ids=ids[:, :9], use_cache=True)
-        second = m(input_ids=ids[:, 9:], cache=first.cache, use_cache=True)
+        second = m(input_ids=ids[:, 9:], use_cache=True, **{name: getattr(first, name)})
         results.append(second.logits)
     assert_close("second chunk", *results)
 
