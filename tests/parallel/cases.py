@@ -28,6 +28,9 @@ def attention_case(rank: int, world_size: int, mode: str, *, causal: bool, layou
     options = dict(options or {})
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(seed)
+    if options.get("alibi") == "heads":
+        del options["alibi"]
+        options["alibi_slopes"] = torch.rand(heads_q, generator=g) + 0.1
     q = torch.randn(batch, heads_q, seq, head_dim, generator=g).to(dt)
     k = torch.randn(batch, heads_kv, seq, head_dim, generator=g).to(dt)
     v = torch.randn(batch, heads_kv, seq, head_dim, generator=g).to(dt)
@@ -61,3 +64,98 @@ def attention_case(rank: int, world_size: int, mode: str, *, causal: bool, layou
     for name, t, g_ref in zip(("dq", "dk", "dv"), local, grads_ref):
         ratios[name] = error_ratio(t.grad, shard(g_ref), GRAD_TOL[dt])
     return ratios
+
+
+def argument_errors(rank: int, world_size: int) -> list[str]:
+    """Every rejected argument raises ValueError on every rank before any communication."""
+    import pytest
+
+    g = torch.Generator().manual_seed(1)
+
+    def qkv(heads_q=2, heads_kv=2, seq=16, seq_k=None):
+        return (torch.randn(1, heads_q, seq, 16, generator=g),
+                torch.randn(1, heads_kv, seq if seq_k is None else seq_k, 16, generator=g),
+                torch.randn(1, heads_kv, seq if seq_k is None else seq_k, 16, generator=g))
+
+    messages = []
+    cases = [
+        (ring_attention, qkv(seq=15), dict(causal=True), r"must be even.*divisible by 2 \* group size = 4"),
+        (ring_attention, qkv(), dict(causal=True, dropout_p=0.1), r"dropout_p=0.1 is not allowed"),
+        (ring_attention, qkv(), dict(causal=True, window_size=(8, 0)), r"window_size=\(8, 0\) is not allowed"),
+        (ring_attention, qkv(), dict(causal=False, alibi_slopes=torch.ones(2)), r"alibi_slopes is not allowed"),
+        (ring_attention, qkv(), dict(causal=True, layout="striped"), r"layout must be one of"),
+        (ring_attention, qkv(seq_k=8), dict(causal=False), r"same shard of one sequence"),
+        (ulysses_attention, qkv(heads_q=3, heads_kv=1), dict(causal=True),
+         r"query heads \(3\) and of key/value heads \(1\) must both be divisible by the context-parallel "
+         r"group size 2"),
+        (ulysses_attention, qkv(heads_q=2, heads_kv=1), dict(causal=True), r"key/value heads \(1\)"),
+        (ulysses_attention, qkv(seq=15), dict(causal=True), r"must be even"),
+        (ulysses_attention, qkv(), dict(causal=True, alibi_slopes=torch.ones(3)), r"alibi_slopes must be"),
+    ]
+    for fn, (q, k, v), kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as info:
+            fn(q, k, v, **kwargs)
+        messages.append(str(info.value))
+    return messages
+
+
+def loss_and_batch(rank: int, world_size: int, layout: str) -> dict:
+    """shard_batch, gather_sequence and sequence_loss against the same computation on the full batch."""
+    import torch.distributed as dist
+
+    from flash_dist.parallel import gather_sequence, sequence_loss, shard_batch
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (2, 16), generator=g)
+    labels = torch.randint(0, 50, (2, 16), generator=g)
+    labels[0, 3:7] = -100  # ignored tokens, unevenly spread over the shards
+    labels[1, 13] = -100
+    weight = torch.randn(50, generator=g)
+
+    def token_losses(w, ids, labels):
+        # any per-token function of a parameter; ignored labels contribute nothing
+        return torch.where(labels != -100, (w[ids] * w[labels.clamp(min=0)]).sin() + 1.0, 0.0)
+
+    w_full = weight.clone().requires_grad_()
+    full = token_losses(w_full, ids, labels).sum() / (labels != -100).sum()
+    full.backward()
+
+    shard = shard_batch({"input_ids": ids, "labels": labels, "other": ids}, layout=layout)
+    result = {
+        "other_untouched": torch.equal(shard["other"], ids),
+        "ids_gathered": torch.equal(gather_sequence(shard["input_ids"], layout=layout), ids),
+        "positions_gathered": torch.equal(gather_sequence(shard["position_ids"], layout=layout),
+                                          torch.arange(16).expand(2, 16)),
+    }
+    for mode in ("sum", "mean"):
+        w = weight.clone().requires_grad_()
+        local = token_losses(w, shard["input_ids"], shard["labels"])
+        loss = sequence_loss(local.sum(), (shard["labels"] != -100).sum(), gradient=mode)
+        loss.backward()
+        grad = w.grad.clone()
+        dist.all_reduce(grad)
+        if mode == "mean":
+            grad /= world_size
+        result[f"{mode}_value_err"] = abs(loss.item() - full.item()) / abs(full.item())
+        result[f"{mode}_grad_err"] = ((grad - w_full.grad).norm() / w_full.grad.norm()).item()
+    return result
+
+
+def mesh_layout(rank: int, world_size: int) -> dict:
+    """The (dp, cp) mesh of init_context_parallel_mesh, and its argument check."""
+    import pytest
+    import torch.distributed as dist
+
+    from flash_dist.parallel import init_context_parallel_mesh
+
+    found = {}
+    for cp in (1, 2, world_size):
+        mesh = init_context_parallel_mesh(cp, device_type="cpu")
+        found[cp] = dict(cp_ranks=dist.get_process_group_ranks(mesh.cp_group),
+                         dp_ranks=dist.get_process_group_ranks(mesh.dp_group),
+                         cp_rank=mesh.cp_rank, cp_size=mesh.cp_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size)
+    with pytest.raises(ValueError, match=f"positive divisor of the world size {world_size}, got 3"):
+        init_context_parallel_mesh(3)
+    with pytest.raises(ValueError, match="got 0"):
+        init_context_parallel_mesh(0)
+    return found
