@@ -23,11 +23,13 @@ from torch import nn
 
 from . import hf, mha, sdpa
 from .mha import FlashMultiheadAttention
-from .registry import (SDPA, ReplaceRecord, lookup, parameter_mismatch, register_attention, replace_module,
-                       unregister_attention)
+from .registry import SDPA, lookup, parameter_mismatch, register_attention, replace_module, unregister_attention
 from .report import SKIPPED, SWAPPED, AttentionSwapError, SwapReport, SwapRow
 
 __all__ = [
+    "SDPA",
+    "SKIPPED",
+    "SWAPPED",
     "AttentionSwapError",
     "FlashMultiheadAttention",
     "SwapReport",

@@ -1,7 +1,7 @@
 """Hugging Face transformers models: our kernel as a registered attention implementation.
 
 Swapping registers :func:`attention_forward` with ``AttentionInterface`` and
-:func:`attention_mask` with ``AttentionMaskInterface`` under :data:`IMPLEMENTATION`, then calls
+:func:`build_mask` with ``AttentionMaskInterface`` under :data:`IMPLEMENTATION`, then calls
 the model's own ``set_attn_implementation``. No transformers class is modified; restoring puts
 the recorded implementation back on every config.
 
@@ -78,9 +78,9 @@ def _is_tracing() -> bool:
 # the functions registered with transformers
 # --------------------------------------------------------------------------------------------
 
-def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
-                   mask_function: Any = None, attention_mask: Optional[Tensor] = None,
-                   local_size: Optional[int] = None, **kwargs) -> Optional[Tensor]:
+def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
+               mask_function: Any = None, attention_mask: Optional[Tensor] = None,
+               local_size: Optional[int] = None, **kwargs) -> Optional[Tensor]:
     """The ``AttentionMaskInterface`` function: the mask in the form :func:`attention_forward` reads.
 
     Called by transformers' ``create_causal_mask`` / ``create_bidirectional_mask`` with the 2-D
@@ -134,7 +134,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         module: the calling attention module (its ``is_causal`` is the default causality).
         query: ``(B, Hq, Sq, D)``; key, value: ``(B, Hkv, Sk, D)`` (GQA is native: K/V are not
             repeated).
-        attention_mask: as produced by :func:`attention_mask` (module docstring).
+        attention_mask: as produced by :func:`build_mask` (module docstring).
         dropout: attention-weight dropout (models pass 0 in eval mode).
         scaling: softmax scale (GPT-2's ``scale_attn_by_inverse_layer_idx`` is folded in).
 
@@ -220,7 +220,7 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, attention_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, build_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +258,8 @@ def _row(path: str, module: nn.Module, status: str = SWAPPED, how: str = HOW) ->
     groups = getattr(module, "num_key_value_groups", None)
     if isinstance(groups, int) and groups > 1:
         options["gqa"] = f"{groups} q heads per kv head, native"
-    options["dropout"] = "model's attention dropout, training only"
-    options["mask"] = "padding -> varlen; weights/float/per-query masks rejected"
+    options["dropout"] = "model's, training only"
+    options["mask"] = "padding -> varlen"
     return SwapRow(path, f"transformers {type(module).__name__}", how, options, status)
 
 

@@ -210,5 +210,5 @@ def swap_mha(root: nn.Module, path: str, mha: nn.MultiheadAttention, strict: boo
             module.use_nested_tensor = False
     options = {"batch_first": str(mha.batch_first), "heads": str(mha.num_heads),
                "dropout": f"{mha.dropout:g} in training",
-               "mask": "key_padding_mask -> varlen; causal attn_mask; need_weights=False only"}
+               "mask": "key_padding_mask -> varlen, causal attn_mask"}
     return SwapRow(path, _KIND, HOW, options, SWAPPED), record

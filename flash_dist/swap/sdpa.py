@@ -38,11 +38,11 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROUTE_ATTR = "_flash_dist_sdpa_route"
 
 SDPA_OPTIONS = {
-    "causal": "is_causal per call",
+    "causal": "is_causal",
     "scale": "per call",
-    "dropout": "dropout_p per call",
+    "dropout": "dropout_p",
     "gqa": "enable_gqa, native",
-    "mask": "bool key padding -> varlen; other masks rejected",
+    "mask": "bool key padding -> varlen",
 }
 
 
