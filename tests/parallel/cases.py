@@ -159,3 +159,93 @@ def mesh_layout(rank: int, world_size: int) -> dict:
     with pytest.raises(ValueError, match="got 0"):
         init_context_parallel_mesh(0)
     return found
+
+
+# ---------------------------------------------------------------- GPT-2 with context parallelism
+
+GPT2_VOCAB, GPT2_SEQ, GPT2_BATCH = 128, 64, 2
+
+
+def gpt2_model(position_embedding: str = "learned"):
+    from flash_dist.models.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config.from_name("tiny", vocab_size=GPT2_VOCAB, block_size=GPT2_SEQ,
+                                  position_embedding=position_embedding)
+    return GPT2(config).train()
+
+
+def gpt2_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two fixed batches, alternated, so the loss falls as the model memorises them; labels shifted."""
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, GPT2_VOCAB, (GPT2_BATCH, GPT2_SEQ + 1), generator=g) for _ in range(2)]
+    for ids in data:
+        ids[0, 5] = 0  # the labels carry one ignored token: the loss counts it out on its shard only
+    batches = [(ids[:, :-1], ids[:, 1:].masked_fill(ids[:, 1:] == 0, -100)) for ids in data]
+    return [batches[i % 2] for i in range(steps)]
+
+
+def train_gpt2(model, batches, loss_fn, after_backward=lambda model: None) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    losses = []
+    for ids, labels in batches:
+        loss = loss_fn(model, ids, labels)
+        loss.backward()
+        after_backward(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def train_gpt2_context_parallel(rank: int, world_size: int, mode: str, layout: str, steps: int) -> list[float]:
+    """The tiny GPT-2 trained on the same batches with every sequence split over the group."""
+    import torch.distributed as dist
+
+    from flash_dist.parallel import context_parallel, sequence_loss, shard_batch
+
+    model = gpt2_model()
+    handle = context_parallel(model, mode=mode, layout=layout)
+    assert len(handle.modules) == model.config.n_layer
+
+    def loss_fn(model, ids, labels):
+        shard = shard_batch({"input_ids": ids, "labels": labels}, layout=layout)
+        loss_sum = model(shard["input_ids"], labels=shard["labels"], position_ids=shard["position_ids"],
+                         reduction="sum")
+        return sequence_loss(loss_sum, (shard["labels"] != -100).sum())
+
+    def sum_gradients(model):
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+
+    losses = train_gpt2(model, gpt2_batches(steps), loss_fn, sum_gradients)
+    handle.remove()
+    assert "attend" not in model.transformer.h[0].attn.__dict__
+    return losses
+
+
+def gpt2_hook_checks(rank: int, world_size: int) -> dict:
+    """ALiBi GPT-2 through Ulysses matches the plain model; ring and packed documents are refused."""
+    import pytest
+
+    from flash_dist.parallel import context_parallel, gather_sequence, shard_batch
+
+    model = gpt2_model("alibi").eval()
+    ids, labels = gpt2_batches(1)[0]
+    with torch.no_grad():
+        logits_ref = model(ids)
+        with context_parallel(model, mode="ulysses"):
+            shard = shard_batch({"input_ids": ids})
+            logits = gather_sequence(model(shard["input_ids"], position_ids=shard["position_ids"]))
+        with context_parallel(model, mode="ring"):
+            with pytest.raises(ValueError, match="alibi_slopes is not allowed"):
+                model(shard["input_ids"])
+    learned = gpt2_model()
+    with context_parallel(learned, mode="ring"):
+        cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+        with pytest.raises(ValueError, match="packed documents"):
+            learned(shard["input_ids"], cu_seqlens=cu, position_ids=shard["position_ids"])
+        with pytest.raises(ValueError, match="already runs context-parallel attention"):
+            context_parallel(learned, mode="ring")
+    return {"alibi_ulysses_logits": error_ratio(logits, logits_ref, TOL[torch.float32])}
