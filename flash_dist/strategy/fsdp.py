@@ -1,0 +1,154 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) per transformer block, on a DP x CP mesh."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from . import _compat
+from .checkpoint import atomic_checkpoint_dir
+from .strategy import FlashStrategy
+
+
+class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
+    """Swapped attention + FSDP2: one ``fully_shard`` unit per transformer block, one for the rest.
+
+    Mixed precision follows the Trainer's ``precision``: with ``"bf16-mixed"``/``"bf16-true"``
+    parameters are gathered and computed in bf16 and gradients reduced in fp32. Parameters are
+    broadcast from rank 0 before sharding, so every rank starts from the same weights. Works on
+    the CPU (gloo) as on GPUs (NCCL). Gradient clipping by norm (``gradient_clip_val``) works on
+    the sharded gradients. Checkpoints are sharded (torch.distributed.checkpoint), written to a
+    temporary folder and renamed into place, so an interrupted save never looks complete.
+    """
+
+    strategy_name = "flash_fsdp"
+
+    def __init__(self, *, sharding: str = "fsdp", activation_checkpointing: bool = False, cpu_offload: bool = False,
+                 context_parallel: int = 1, context_parallel_mode: str = "ring", block_classes=None,
+                 swap: bool = True, strict_swap: bool = True, reshard_after_forward: bool = True,
+                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout: timedelta | None = default_pg_timeout) -> None:
+        ModelParallelStrategy.__init__(self, data_parallel_size="auto", tensor_parallel_size=1,
+                                       save_distributed_checkpoint=save_distributed_checkpoint,
+                                       process_group_backend=process_group_backend, timeout=timeout)
+        self._init_flash(activation_checkpointing=activation_checkpointing, context_parallel=context_parallel,
+                         context_parallel_mode=context_parallel_mode, block_classes=block_classes, swap=swap,
+                         strict_swap=strict_swap)
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    # --- processes and mesh ----------------------------------------------------------------------
+
+    def setup_environment(self) -> None:
+        super(ModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        self._check_world_size()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        cp = self.context_parallel
+        if self.world_size % cp:
+            raise ValueError(f"FlashStrategy: context_parallel={cp} must divide the world size {self.world_size}")
+        # context-parallel ranks adjacent (inside a node), data-parallel across
+        self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size // cp, cp),
+                                             mesh_dim_names=("data_parallel", "context_parallel"))
+        self._data_parallel_size, self._tensor_parallel_size = self.world_size // cp, 1
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def shard_mesh(self):
+        """The mesh FSDP shards over: all ranks (data-parallel x context-parallel)."""
+        if self.context_parallel == 1:
+            return self.device_mesh["data_parallel"]
+        return _compat.flatten_mesh(self.device_mesh, ("data_parallel", "context_parallel"), "dp_cp")
+
+    # --- model -----------------------------------------------------------------------------------
+
+    def _mp_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision in ("bf16-mixed", "bf16-true"):
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "16-true":
+            return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def _broadcast_from_rank0(self, module: nn.Module) -> None:
+        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"]
+        with torch.no_grad():
+            for t in tensors:
+                if t.device != self.root_device:
+                    buf = t.data.to(self.root_device)
+                    dist.broadcast(buf, src=0)
+                    t.data.copy_(buf)
+                else:
+                    dist.broadcast(t.data, src=0)
+
+    def _apply_fsdp(self, module: nn.Module) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in module.modules()):
+            rank_zero_info("flash-dist: the model is already sharded with fully_shard; leaving it as it is")
+            return
+        self._broadcast_from_rank0(module)
+        kwargs = dict(mesh=self.shard_mesh, mp_policy=self._mp_policy())
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"FlashStrategy(sharding='fsdp'): parameters {own} sit directly on the LightningModule; "
+                "Lightning calls training_step, not forward, so FSDP could never gather them. Move them into "
+                "a submodule (e.g. self.model).")
+        blocks = self._blocks(module)
+        for i, block in enumerate(blocks):
+            # the last block's parameters are needed again at once by the backward
+            fully_shard(block, reshard_after_forward=self.reshard_after_forward and i < len(blocks) - 1, **kwargs)
+        # the rest (embeddings, head, final norm) in one unit per top-level submodule: their forward is
+        # what training_step calls, so FSDP's hooks there gather and free the remaining parameters
+        roots = [child for child in module.children()
+                 if any(not isinstance(p, DTensor) for p in child.parameters())]
+        for child in roots:
+            fully_shard(child, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        rank_zero_info(f"flash-dist: FSDP2 over {self.shard_mesh.size()} ranks, {len(blocks)} × "
+                       f"{type(blocks[0]).__name__} + {len(roots)} root unit(s), precision "
+                       f"{self.precision_plugin.precision}")
+
+    def setup(self, trainer) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            raise TypeError("FlashStrategy(sharding='fsdp') uses FSDP2 (fully_shard); the model is wrapped "
+                            "with the older FullyShardedDataParallel")
+        module = self.lightning_module
+        self._prepare_module(module)
+        if self.context_parallel > 1:
+            from flash_dist.parallel import context_parallel
+
+            context_parallel(module, self.device_mesh["context_parallel"], mode=self.context_parallel_mode)
+        self._apply_fsdp(module)
+        _compat.materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _compat.optimizers_to_device(self.optimizers, self.root_device)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        with atomic_checkpoint_dir(self, filepath) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)

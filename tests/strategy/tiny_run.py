@@ -1,0 +1,136 @@
+"""Train a tiny Hugging Face GPT-2 with a flash-dist strategy on the CPU; used by the strategy tests.
+
+Run as a script (Lightning relaunches this file once per rank). Rank 0 writes a JSON with the
+global loss of every step, the number of flash-dist kernel calls and the final logits on a fixed
+input. ``--strategy none`` is the plain single-process reference with the model's own attention.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the real kernels in Triton's interpreter
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
+
+import flash_dist  # noqa: E402,F401  (registers the flash_* strategies)
+from flash_dist.kernels import ops  # noqa: E402
+
+VOCAB, SEQ, BATCH = 96, 32, 2
+CALLS = {"attn_fwd": 0}
+_attn_fwd = ops.attn_fwd
+
+
+def _counting_attn_fwd(*args, **kwargs):
+    CALLS["attn_fwd"] += 1
+    return _attn_fwd(*args, **kwargs)
+
+
+ops.attn_fwd = _counting_attn_fwd
+
+
+class EpochTokens(Dataset):
+    """``size`` token sequences that change every epoch, reproducibly (seeded by epoch and index)."""
+
+    def __init__(self, size: int):
+        self.size, self.epoch = size, 0
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(1000 * self.epoch + i)
+        return torch.randint(0, VOCAB, (SEQ,), generator=g)
+
+
+class EpochSampler(Sampler):
+    """This rank's share of the dataset; Lightning's set_epoch (called also on resume) picks the data."""
+
+    def __init__(self, dataset: EpochTokens, rank: int, world: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.world))
+
+    def __len__(self):
+        return len(range(self.rank, len(self.dataset), self.world))
+
+
+class TinyGPT2(L.LightningModule):
+    def __init__(self, dataset: EpochTokens, batch: int):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, attn_pdrop=0.0,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="eager")
+        self.model = GPT2LMHeadModel(cfg)
+        self.dataset, self.batch, self.losses = dataset, batch, []
+
+    def train_dataloader(self):
+        sampler = EpochSampler(self.dataset, self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(self.dataset, batch_size=self.batch, sampler=sampler)
+
+    def training_step(self, tokens, _):
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        loss = self.trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
+        self.losses.append([self.global_step, loss.item()])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="none")
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt-dir", default=None, help="save a checkpoint every 2 steps (epochs) here")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    args = p.parse_args()
+
+    L.seed_everything(0, workers=True)
+    # one optimizer step per epoch, every epoch new data: resuming at a step is exact
+    dataset = EpochTokens(BATCH * args.devices)
+    model = TinyGPT2(dataset, BATCH if args.strategy != "none" else BATCH * args.devices)
+    strategy = "auto"
+    if args.strategy != "none":
+        strategy = args.strategy
+        if args.activation_checkpointing:
+            kind = {"flash_fsdp": "fsdp", "flash_ddp": "ddp"}[args.strategy]
+            strategy = flash_dist.FlashStrategy(sharding=kind, activation_checkpointing=True)
+    callbacks = []
+    if args.ckpt_dir:
+        # at the end of every second epoch (= step): a resume then starts the next epoch's data
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=2,
+                                                             save_on_train_epoch_end=True, save_top_k=-1,
+                                                             filename="{step}"))
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices if args.strategy != "none" else 1,
+                        strategy=strategy, max_steps=args.steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=bool(args.ckpt_dir), callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=args.clip,
+                        num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer.fit(model, ckpt_path=args.resume)
+    probe = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    model.eval()
+    with torch.no_grad():  # every rank runs it: sharded parameters are gathered collectively
+        logits = model.model(input_ids=probe).logits.float()
+    if trainer.is_global_zero:
+        json.dump({"losses": model.losses, "calls": CALLS["attn_fwd"], "world": trainer.world_size,
+                   "strategy": type(trainer.strategy).__name__, "probe": probe.tolist(),
+                   "logits": logits.tolist()}, open(args.out, "w"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
