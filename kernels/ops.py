@@ -86,9 +86,8 @@ def draw_rng(device) -> Tensor:
     ``torch.manual_seed`` therefore makes dropout reproducible; the same pair regenerates the
     same keep-mask in the backward and in :func:`flash_dist.kernels.dropout_mask`.
     """
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    offset = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-    return torch.cat([seed, offset])
+    # one launch for both; the kernels read the seed as 64 bits and the offset as 32
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=device)
 
 
 def _prepare(fn, q, causal, softmax_scale, dropout_p, window_size, alibi_slopes, batch, heads):

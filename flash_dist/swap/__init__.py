@@ -3,6 +3,8 @@
 ``swap_attention(model)`` finds, in this order (a module handled by one step is not looked at
 again by a later one):
 
+0. modules whose class sets ``flash_dist_native = True`` (they already call the kernel: reported,
+   left as they are);
 1. instances of classes given to :func:`register_attention` (their adapter decides);
 2. Hugging Face transformers models: the kernel is registered with ``AttentionInterface`` /
    ``AttentionMaskInterface`` and selected with the model's ``set_attn_implementation``;
@@ -118,6 +120,13 @@ def _swap(model: nn.Module, strict: bool, rows: list[SwapRow], records: list[_Un
     modules = list(model.named_modules())
     claimed: set[int] = set()
     done: list[str] = []  # subtrees taken over by a replacement or a registered adapter
+
+    # 0. modules written for the kernel (class attribute flash_dist_native = True): nothing to do
+    for path, module in modules:
+        if getattr(type(module), "flash_dist_native", False) and not _under(path, done):
+            rows.append(SwapRow(path, type(module).__name__, "calls flash_dist.flash_attention natively", {}))
+            done.append(path)
+            claimed.update(id(m) for m in module.modules())
 
     # 1. registered classes
     for path, module in modules:
