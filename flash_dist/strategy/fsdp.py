@@ -63,6 +63,11 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
         self.lightning_module._device_mesh = self._device_mesh
 
     @property
+    def context_parallel_group(self):
+        """The process group of the ranks that share one sequence (size ``context_parallel``)."""
+        return self.device_mesh["context_parallel"].get_group()
+
+    @property
     def shard_mesh(self):
         """The mesh FSDP shards over: all ranks (data-parallel x context-parallel)."""
         if self.context_parallel == 1:
@@ -135,7 +140,7 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
         if self.context_parallel > 1:
             from flash_dist.parallel import context_parallel
 
-            context_parallel(module, self.device_mesh["context_parallel"], mode=self.context_parallel_mode)
+            context_parallel(module, self.context_parallel_group, mode=self.context_parallel_mode)
         self._apply_fsdp(module)
         _compat.materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
