@@ -82,7 +82,7 @@ def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, 
         # d loss / d logits = softmax - onehot, zero on ignored rows, times the reduction's scale
         probs = logits.sub_(lse[:, None]).exp_()
         probs.scatter_add_(1, y[:, None], -ok[:, None].float())
-        probs.mul_((ok.float() * scale)[:, None])
+        probs.mul_(torch.where(ok, scale, 0.0)[:, None])  # not ok * scale: 0 * inf when all are ignored
         g = probs.to(weight.dtype)
         if need_dh:
             grad_h[start:end] = g @ weight
