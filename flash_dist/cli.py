@@ -31,12 +31,51 @@ def _bench_parser(sub) -> None:
     att.add_argument("--out", default="bench_out", help="folder for attention.json/.md/.png")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order: ``RECIPE --nodes 2 key=value`` keeps ``key=value``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False):  # the intermixed parse calls back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _slurm_parser(sub) -> None:
+    sl = sub.add_parser(
+        "slurm", help="render a Slurm batch script for a recipe and submit it",
+        description="Render slurm/train.sbatch for RECIPE (srun launch, one process per GPU, SIGUSR1 90 s "
+                    "before the time limit saves a checkpoint and requeues the job, which then resumes), write "
+                    "it to RUN_DIR/slurm/ and submit it with sbatch. trainer.devices and trainer.num_nodes of "
+                    "the recipe must equal --gpus-per-node and --nodes. With trainer.accelerator=cpu, "
+                    "--gpus-per-node counts processes per node and no GPUs are requested.")
+    sl.__class__ = _IntermixedParser
+    sl.add_argument("recipe", help="recipe YAML")
+    sl.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for `flash-dist train`")
+    sl.add_argument("--nodes", type=int, required=True, help="nodes (= trainer.num_nodes)")
+    sl.add_argument("--gpus-per-node", type=int, required=True,
+                    help="GPUs, and processes, per node (= trainer.devices)")
+    sl.add_argument("--partition", help="Slurm partition")
+    sl.add_argument("--time", help="time limit, e.g. 04:00:00 or 2-00:00:00")
+    sl.add_argument("--account", help="Slurm account to charge")
+    sl.add_argument("--cpus-per-task", type=int, help="CPUs per process")
+    sl.add_argument("--job-name", help="job name (default: flash-dist-RECIPE_NAME)")
+    sl.add_argument("--master-addr", help="rendezvous address (default: first host of the allocation)")
+    sl.add_argument("--master-port", type=int, help="rendezvous port (default: 15000 + job id mod 10000)")
+    sl.add_argument("--template", help="sbatch template (default: slurm/train.sbatch)")
+    sl.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flash-dist",
         description="FlashAttention kernels in Triton and a Lightning strategy for long-sequence training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _bench_parser(sub)
+    _slurm_parser(sub)
     return parser
 
 
@@ -71,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             build_parser().error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(attention.METHODS)}")
         return attention.main(args)
+    if args.command == "slurm":
+        from flash_dist import slurm
+
+        return slurm.main(args)
     return 2
 
 
