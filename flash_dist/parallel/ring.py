@@ -116,8 +116,9 @@ class _Ring:
 
 
 def _wait(requests: list | None) -> None:
-    for req in requests or ():
-        req.wait()
+    """Wait for and forget the requests: a second wait on a finished gloo request would block."""
+    while requests:
+        requests.pop(0).wait()
 
 
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -210,9 +211,8 @@ class RingAttention(torch.autograd.Function):
     """Autograd wrapper; use :func:`ring_attention`."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, causal: bool, scale: float,
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, scale: float,
                 layout: Layout, overlap: bool) -> tuple[Tensor, Tensor]:
-        ring = _Ring(group)
         # P2P needs dense buffers; transposed model views are copied once here
         k, v = k.contiguous(), v.contiguous()
         out, lse = _ring_forward(q, k, v, ring, causal, scale, layout, overlap)
@@ -286,5 +286,5 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
         raise ValueError(f"{fn}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = RingAttention.apply(q, k, v, group, causal, scale, layout, bool(overlap))
+    out, lse = RingAttention.apply(q, k, v, _Ring(group), causal, scale, layout, bool(overlap))
     return (out, lse) if return_lse else out

@@ -249,3 +249,24 @@ def gpt2_hook_checks(rank: int, world_size: int) -> dict:
         with pytest.raises(ValueError, match="already runs context-parallel attention"):
             context_parallel(learned, mode="ring")
     return {"alibi_ulysses_logits": error_ratio(logits, logits_ref, TOL[torch.float32])}
+
+
+def bench_smoke(rank: int, world_size: int, out_dir: str) -> int:
+    """The context-parallel benchmark script end to end on tiny CPU shapes."""
+    from flash_dist.bench.context_parallel import main
+
+    return main(["--cpu-smoke", "--out", out_dir])
+
+
+def ring_overlap_off(rank: int, world_size: int) -> dict[str, bool]:
+    """overlap=False (wait for each transfer first) computes exactly what the overlapped ring does."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    dout = torch.randn(1, 2, 32, 16, generator=g)
+    results = []
+    for overlap in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*leaves, causal=True, overlap=overlap)
+        out.backward(dout)
+        results.append([out] + [t.grad for t in leaves])
+    return {name: torch.equal(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), *results)}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from .cases import attention_case
+from .cases import attention_case, ring_overlap_off
 from .checks import assert_ratios
 
 CASES_2 = {
@@ -27,3 +27,8 @@ def test_ring_two_ranks(ranks2, case):
 @pytest.mark.parametrize("case", list(CASES_4))
 def test_ring_four_ranks(ranks4, case):
     assert_ratios(ranks4.run(attention_case, "ring", **CASES_4[case]))
+
+
+def test_ring_without_overlap_is_identical(ranks2):
+    for equal in ranks2.run(ring_overlap_off):
+        assert equal == {"out": True, "dq": True, "dk": True, "dv": True}
