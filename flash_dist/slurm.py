@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
@@ -104,7 +105,7 @@ def _check_text(name: str, value: str) -> str:
 
 def _directive(value: Any, name: str = "value") -> str:
     text = str(value)
-    if not _DIRECTIVE_SAFE.match(text):
+    if not _DIRECTIVE_SAFE.fullmatch(text):
         raise SlurmError(f"{name}: {text!r} cannot go on an #SBATCH line (sbatch does not parse shell quoting); "
                          f"use only {_DIRECTIVE_CHARS}")
     return text
@@ -230,6 +231,9 @@ def main(args) -> int:
         return 1
     except (SlurmError, FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         print(f"flash-dist slurm: error: {err}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as err:
+        print(f"flash-dist slurm: error: the recipe or an override is not valid YAML: {err}", file=sys.stderr)
         return 2
     print(f"submitted job {job_id}")
     print(f"log: {job.log_path(job_id)}")
