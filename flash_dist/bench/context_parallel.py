@@ -112,9 +112,11 @@ def _init(cpu: bool) -> torch.device:
         backend = "gloo" if cpu else "nccl"
         if "RANK" not in os.environ:  # plain `python -m`: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+        device_id = None
         if not cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+            device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device_id)
+        dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=device_id)
     if cpu:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
