@@ -16,6 +16,7 @@ named in this folder's pid files. Also usable by hand::
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -67,6 +68,8 @@ PlugStackConfig={root}/plugstack.conf
 {nodes}
 PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
 NODE_LINE = ("NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
              "RealMemory=1000 State=UNKNOWN")
 
@@ -194,6 +197,30 @@ class Cluster:
             if self._pid(name) == pid:
                 os.kill(pid, signal.SIGKILL)
         self.started_here = False
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (empty once the job record is gone); no accounting needed."""
+        res = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        if res.returncode != 0:
+            return {}
+        return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", res.stdout))
+
+    def wait(self, job_id: str, until, timeout: float, what: str = "the end") -> dict[str, str]:
+        """Poll the job until ``until(info)`` holds; TimeoutError (after cancelling the job) otherwise."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if until(info):
+                return info
+            time.sleep(0.5)
+        self.run("scancel", job_id, check=False)
+        raise TimeoutError(f"job {job_id}: {what} not reached in {timeout:.0f} s (state {info.get('JobState')})")
+
+    def wait_until_done(self, job_id: str, timeout: float) -> dict[str, str]:
+        """Wait until the job has ended for good (a requeued job passes through PENDING again)."""
+        return self.wait(job_id, lambda i: not i or i.get("JobState") in FINAL_STATES, timeout)
 
     def logs_tail(self, lines: int = 15) -> str:
         parts = []
