@@ -62,7 +62,10 @@ ATTEND = "attend"
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None = None, *,
                                mode: Mode = "ring", causal: bool, layout: Layout = "zigzag", **options):
-    """:func:`ring_attention` or :func:`ulysses_attention` by ``mode``; shapes ``(batch, heads, local_seq, head_dim)``."""
+    """:func:`ring_attention` or :func:`ulysses_attention` by ``mode``.
+
+    Shapes ``(batch, heads, local_seq, head_dim)``; ``options`` go to the chosen function.
+    """
     if mode == "ring":
         return ring_attention(q, k, v, group, causal=causal, layout=layout, **options)
     if mode == "ulysses":

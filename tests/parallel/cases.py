@@ -270,3 +270,22 @@ def ring_overlap_off(rank: int, world_size: int) -> dict[str, bool]:
         out.backward(dout)
         results.append([out] + [t.grad for t in leaves])
     return {name: torch.equal(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), *results)}
+
+
+def ring_group_of_one(rank: int, world_size: int) -> dict[str, float]:
+    """A context-parallel group of one rank (CP size 1) is plain attention: no transfer at all."""
+    import torch.distributed as dist
+
+    mine, _ = dist.new_subgroups(group_size=1)
+    g = torch.Generator().manual_seed(5 + rank)
+    q, k, v, dout = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(4))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out_ref, _ = attention_reference(*ref, causal=True)
+    grads_ref = torch.autograd.grad((out_ref * dout.double()).sum(), ref)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*leaves, mine, causal=True)
+    out.backward(dout)
+    ratios = {"out": error_ratio(out, out_ref, TOL[torch.float32])}
+    for name, t, g_ref in zip(("dq", "dk", "dv"), leaves, grads_ref):
+        ratios[name] = error_ratio(t.grad, g_ref, GRAD_TOL[torch.float32])
+    return ratios

@@ -2,7 +2,7 @@
 
 import pytest
 
-from .cases import attention_case, ring_overlap_off
+from .cases import attention_case, ring_group_of_one, ring_overlap_off
 from .checks import assert_ratios
 
 CASES_2 = {
@@ -32,3 +32,7 @@ def test_ring_four_ranks(ranks4, case):
 def test_ring_without_overlap_is_identical(ranks2):
     for equal in ranks2.run(ring_overlap_off):
         assert equal == {"out": True, "dq": True, "dk": True, "dv": True}
+
+
+def test_ring_group_of_one(ranks2):
+    assert_ratios(ranks2.run(ring_group_of_one))
