@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from flash_dist.kernels import flash_attention, flash_attention_varlen
 from flash_dist.losses import linear_cross_entropy
 
-__all__ = ["GPT2", "GPT2Config", "Block", "CausalSelfAttention", "MLP", "alibi_slopes",
+__all__ = ["GPT2", "GPT2Config", "Block", "CausalSelfAttention", "LMHead", "MLP", "alibi_slopes",
            "hf_to_state_dict", "state_dict_to_hf"]
 
 POSITION_EMBEDDINGS = ("learned", "alibi")
@@ -173,6 +173,9 @@ def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> Tenso
 
 
 class CausalSelfAttention(nn.Module):
+    #: calls flash_dist's kernel itself: swap_attention reports it and leaves it alone
+    flash_dist_native = True
+
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
@@ -235,6 +238,26 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LMHead(nn.Linear):
+    """The output layer (no bias). Given labels it returns the loss instead of the logits.
+
+    The loss comes from :func:`flash_dist.losses.linear_cross_entropy` inside this module's
+    forward, so wrappers that gather a module's parameters around its forward (ZeRO-3, FSDP)
+    have the weight in place when the fused loss reads it.
+    """
+
+    def __init__(self, n_embd: int, vocab_size: int, *, chunk_size: int = 1024) -> None:
+        super().__init__(n_embd, vocab_size, bias=False)
+        self.chunk_size = chunk_size
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, *, ignore_index: int = -100,
+                reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1),
+                                    ignore_index=ignore_index, reduction=reduction, chunk_size=self.chunk_size)
+
+
 def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     """Position of every token within its document, int64 ``(total,)``; no device-to-host sync."""
     starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff(), output_size=total)
@@ -260,7 +283,7 @@ class GPT2(nn.Module):
         modules["h"] = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.transformer = nn.ModuleDict(modules)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size, chunk_size=config.loss_chunk_size)
         self.tie_weights()
         self.init_weights()
 
@@ -335,12 +358,7 @@ class GPT2(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, alibi_slopes=slopes, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        x = self.transformer.ln_f(x)
-        if labels is None:
-            return self.lm_head(x)
-        return linear_cross_entropy(x.reshape(B * S, -1), self.lm_head.weight, labels.reshape(B * S),
-                                    ignore_index=ignore_index, reduction=reduction,
-                                    chunk_size=cfg.loss_chunk_size)
+        return self.lm_head(self.transformer.ln_f(x), labels, ignore_index=ignore_index, reduction=reduction)
 
     # ------------------------------------------------------------------ long context
 

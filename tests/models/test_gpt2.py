@@ -336,3 +336,15 @@ def test_loss_equals_cross_entropy_of_logits():
         for reduction, expected in (("mean", ref), ("sum", ref * 43)):
             loss = model(ids, labels=labels, reduction=reduction)
             assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+
+
+def test_loss_goes_through_the_output_module():
+    """Parameter-gathering wrappers hook module forwards: the fused loss must run inside lm_head's."""
+    model = tiny()
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[1] is not None),
+                                            with_kwargs=True)
+    ids = torch.randint(0, 211, (1, 16))
+    model(ids, labels=ids)
+    model(ids)
+    assert calls == [True, False]
