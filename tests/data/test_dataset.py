@@ -73,7 +73,7 @@ def test_document_boundaries_without_eos():
     assert out["cu_seqlens"].tolist() == [0, 3] and out["position_ids"].tolist() == [0, 1, 2]
 
 
-def test_packed_batch_runs_the_model(tmp_path):
+def test_packed_batch_runs_the_model(tmp_path, device):
     """A collated packed batch is exactly GPT2.forward's keyword arguments."""
     from flash_dist.models import GPT2, GPT2Config
 
@@ -84,8 +84,9 @@ def test_packed_batch_runs_the_model(tmp_path):
     ds.eos_token_id = 199
     batch = collate_tokens([ds[0], ds[1]])
     assert batch["cu_seqlens"].tolist() == [0, 13, 32, 40, 64]
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     torch.manual_seed(0)
-    model = GPT2(GPT2Config.from_name("tiny", vocab_size=200, block_size=32)).eval()
+    model = GPT2(GPT2Config.from_name("tiny", vocab_size=200, block_size=32)).to(device).eval()
     with torch.no_grad():
         loss = model(**batch)
         # the same as summing each document's loss on its own

@@ -20,7 +20,7 @@ def test_random_init_from_preset():
     assert isinstance(small, GPT2) and small.transformer.wpe.weight.shape == (1024, 768)
 
 
-def test_init_from_hf_directory_with_longer_context(tmp_path):
+def test_init_from_hf_directory_with_longer_context(tmp_path, device):
     hf = hf_gpt2(vocab_size=320, n_positions=64, seed=9)
     hf.save_pretrained(tmp_path)
     model = build_model(ModelConfig(name="tiny", vocab_size=320, block_size=160, init_from=str(tmp_path))).eval()
@@ -29,7 +29,8 @@ def test_init_from_hf_directory_with_longer_context(tmp_path):
     assert torch.equal(table[64:128], hf.transformer.wpe.weight)  # repeated
     ids = torch.randint(0, 320, (1, 50))
     with torch.no_grad():
-        assert rel_err(model(ids), hf(ids).logits) < 1e-4  # the first 64 positions are unchanged
+        ours = model.to(device)(ids.to(device)).cpu()
+    assert rel_err(ours, hf(ids).logits) < 1e-4  # the first 64 positions are unchanged
 
 
 def test_init_from_mismatch_is_reported(tmp_path):

@@ -22,9 +22,9 @@ def hf_dir(tmp_path_factory):
     return path, model
 
 
-def tiny(**overrides):
+def tiny(device="cpu", **overrides):
     torch.manual_seed(0)
-    return GPT2(GPT2Config.from_name("tiny", vocab_size=211, block_size=64, **overrides)).eval()
+    return GPT2(GPT2Config.from_name("tiny", vocab_size=211, block_size=64, **overrides)).to(device).eval()
 
 
 def reference_logits(model, ids, slopes=None):
@@ -34,10 +34,10 @@ def reference_logits(model, ids, slopes=None):
     H, D = m.config.n_head, m.config.head_dim
     x = m.transformer.wte(ids)
     if "wpe" in m.transformer:
-        x = x + m.transformer.wpe(torch.arange(S))
-    i = torch.arange(S)[:, None]
-    j = torch.arange(S)[None, :]
-    bias = torch.zeros(H, S, S, dtype=torch.float64).masked_fill(j > i, float("-inf"))
+        x = x + m.transformer.wpe(torch.arange(S, device=ids.device))
+    i = torch.arange(S, device=ids.device)[:, None]
+    j = torch.arange(S, device=ids.device)[None, :]
+    bias = torch.zeros(H, S, S, dtype=torch.float64, device=ids.device).masked_fill(j > i, float("-inf"))
     if slopes is not None:
         bias = bias - slopes.double()[:, None, None] * (i - j).abs()
     for blk in m.transformer.h:
@@ -53,53 +53,53 @@ def reference_logits(model, ids, slopes=None):
 # ---------------------------------------------------------------- Hugging Face interop
 
 
-def test_loads_save_pretrained_directory_with_identical_logits(hf_dir):
+def test_loads_save_pretrained_directory_with_identical_logits(hf_dir, device):
     path, hf = hf_dir
-    model = GPT2.from_hf(path).eval()
+    model = GPT2.from_hf(path).to(device).eval()
     assert model.config.vocab_size == 50257 and model.config.block_size == 64
     ids = torch.randint(0, 50257, (2, 40))
     with torch.no_grad():
-        ours, theirs = model(ids), hf(ids).logits
+        ours, theirs = model(ids.to(device)).cpu(), hf(ids).logits
     assert rel_err(ours, theirs) < LOGIT_TOL
 
 
-def test_loss_matches_hf_loss(hf_dir):
+def test_loss_matches_hf_loss(hf_dir, device):
     path, hf = hf_dir
-    model = GPT2.from_hf(path).eval()
+    model = GPT2.from_hf(path).to(device).eval()
     ids = torch.randint(0, 50257, (2, 33))
     labels = ids.clone()
     labels[0, 5:9] = -100
     with torch.no_grad():
         theirs = hf(ids, labels=labels).loss  # shifts inside
-        ours = model(ids[:, :-1], labels=labels[:, 1:])
+        ours = model(ids[:, :-1].to(device), labels=labels[:, 1:].to(device))
     assert abs(ours.item() - theirs.item()) < LOGIT_TOL * theirs.item()
 
 
-def test_from_instance_and_state_dict():
+def test_from_instance_and_state_dict(device):
     hf = hf_gpt2(vocab_size=300, n_positions=32, seed=1)
     ids = torch.randint(0, 300, (1, 24))
     with torch.no_grad():
         theirs = hf(ids).logits
-        a = GPT2.from_hf(hf).eval()(ids)
+        a = GPT2.from_hf(hf).to(device).eval()(ids.to(device)).cpu()
         config = GPT2Config.from_hf_config(hf.config, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-        b = GPT2.from_hf(hf.state_dict(), config=config).eval()(ids)
+        b = GPT2.from_hf(hf.state_dict(), config=config).to(device).eval()(ids.to(device)).cpu()
     assert rel_err(a, theirs) < LOGIT_TOL
     assert rel_err(b, theirs) < LOGIT_TOL
     with pytest.raises(ValueError, match="pass config="):
         GPT2.from_hf(hf.state_dict())
 
 
-def test_loads_original_openai_key_layout():
+def test_loads_original_openai_key_layout(device):
     """The first GPT-2 checkpoints had bare keys and causal-mask buffers in the state dict."""
     hf = hf_gpt2(vocab_size=300, n_positions=32, seed=2)
     state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     for i in range(hf.config.n_layer):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    model = GPT2.from_hf(state, config=GPT2Config.from_hf_config(hf.config)).eval()
+    model = GPT2.from_hf(state, config=GPT2Config.from_hf_config(hf.config)).to(device).eval()
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
-        assert rel_err(model(ids), hf(ids).logits) < LOGIT_TOL
+        assert rel_err(model(ids.to(device)).cpu(), hf(ids).logits) < LOGIT_TOL
 
 
 def test_wrong_shapes_are_reported():
@@ -109,16 +109,16 @@ def test_wrong_shapes_are_reported():
         GPT2.from_hf(hf.state_dict(), config=config)
 
 
-def test_export_round_trip(tmp_path):
+def test_export_round_trip(tmp_path, device):
     transformers = pytest.importorskip("transformers")
     hf = hf_gpt2(vocab_size=300, n_positions=32, seed=4)
-    model = GPT2.from_hf(hf).eval()
+    model = GPT2.from_hf(hf).to(device).eval()
     with torch.no_grad():
         for p in model.parameters():  # make it differ from what was loaded
             p.add_(0.01 * torch.randn_like(p))
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
-        ours = model(ids)
+        ours = model(ids.to(device)).cpu()
 
     fresh = hf_gpt2(vocab_size=300, n_positions=32, seed=5)
     fresh.load_state_dict(model.to_hf_state_dict(), strict=True)
@@ -147,9 +147,9 @@ def test_hf_config_checks():
 # ---------------------------------------------------------------- attention variants
 
 
-def test_learned_positions_match_reference():
-    model = tiny()
-    ids = torch.randint(0, 211, (2, 37))
+def test_learned_positions_match_reference(device):
+    model = tiny(device)
+    ids = torch.randint(0, 211, (2, 37), device=device)
     with torch.no_grad():
         assert rel_err(model(ids), reference_logits(model, ids)) < LOGIT_TOL
 
@@ -163,29 +163,29 @@ def test_alibi_slopes_formula():
     assert alibi_slopes(12).dtype == torch.float32
 
 
-def test_alibi_model_matches_reference():
-    model = tiny(position_embedding="alibi", n_head=4)  # head dim 16
+def test_alibi_model_matches_reference(device):
+    model = tiny(device, position_embedding="alibi", n_head=4)  # head dim 16
     assert "wpe" not in model.transformer
-    ids = torch.randint(0, 211, (2, 45))
+    ids = torch.randint(0, 211, (2, 45), device=device)
     with torch.no_grad():
         ours = model(ids)
-    ref = reference_logits(model, ids, slopes=alibi_slopes(4))
+    ref = reference_logits(model, ids, slopes=alibi_slopes(4, device))
     assert rel_err(ours, ref) < LOGIT_TOL
     # no table: longer than block_size is fine
-    assert model(torch.randint(0, 211, (1, 80))).shape == (1, 80, 211)
+    assert model(torch.randint(0, 211, (1, 80), device=device)).shape == (1, 80, 211)
 
 
 @pytest.mark.parametrize("position_embedding", ["learned", "alibi"])
-def test_packed_documents_equal_separate_runs(position_embedding):
-    model = tiny(position_embedding=position_embedding)
+def test_packed_documents_equal_separate_runs(position_embedding, device):
+    model = tiny(device, position_embedding=position_embedding)
     S = 40
     lengths = [[13, 27], [9, 1, 30]]  # documents per row; every row start is a boundary
-    ids = torch.randint(0, 211, (2, S))
+    ids = torch.randint(0, 211, (2, S), device=device)
     bounds = [0]
     for row in lengths:
         for n in row:
             bounds.append(bounds[-1] + n)
-    cu = torch.tensor(bounds, dtype=torch.int32)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     with torch.no_grad():
         packed = model(ids, cu_seqlens=cu, max_seqlen=30)
         flat_ids, flat_out = ids.reshape(-1), packed.reshape(-1, 211)
@@ -220,9 +220,9 @@ def test_extend_positions_interpolate():
     assert torch.allclose(new[1::2], (old[:-1] + old[1:]) / 2, atol=1e-6)
 
 
-def test_longer_sequences_need_extension():
-    model = tiny()
-    ids = torch.randint(0, 211, (1, 96))
+def test_longer_sequences_need_extension(device):
+    model = tiny(device)
+    ids = torch.randint(0, 211, (1, 96), device=device)
     with pytest.raises(ValueError, match="exceeds block_size 64.*extend_position_embeddings"):
         model(ids)
     model.extend_position_embeddings(128)
@@ -240,14 +240,14 @@ def test_longer_sequences_need_extension():
 # ---------------------------------------------------------------- training pieces
 
 
-def test_activation_checkpointing_on_blocks_keeps_gradients():
+def test_activation_checkpointing_on_blocks_keeps_gradients(device):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-    ids = torch.randint(0, 211, (2, 32))
-    labels = torch.randint(0, 211, (2, 32))
-    plain = tiny()
+    ids = torch.randint(0, 211, (2, 32), device=device)
+    labels = torch.randint(0, 211, (2, 32), device=device)
+    plain = tiny(device)
     plain(ids, labels=labels).backward()
-    wrapped = tiny()
+    wrapped = tiny(device)
     assert all(isinstance(b, Block) for b in wrapped.transformer.h)
     apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, GPT2.block_class))
     assert not any(isinstance(b, Block) for b in wrapped.transformer.h)  # replaced by wrappers
@@ -258,9 +258,9 @@ def test_activation_checkpointing_on_blocks_keeps_gradients():
         assert rel_err(p.grad, ref) < 1e-5, name
 
 
-def test_attention_dropout_in_training_only():
-    model = tiny(attn_pdrop=0.3).train()
-    ids = torch.randint(0, 211, (2, 32))
+def test_attention_dropout_in_training_only(device):
+    model = tiny(device, attn_pdrop=0.3).train()
+    ids = torch.randint(0, 211, (2, 32), device=device)
     torch.manual_seed(1)
     a = model(ids)
     torch.manual_seed(1)
@@ -273,21 +273,21 @@ def test_attention_dropout_in_training_only():
     with torch.no_grad():
         ev = model(ids)
         assert torch.equal(ev, model(ids))
-    nodrop = tiny()
+    nodrop = tiny(device)
     with torch.no_grad():
         assert rel_err(ev, nodrop(ids)) < 1e-6
 
 
-def test_meta_init_then_materialise():
+def test_meta_init_then_materialise(device):
     with torch.device("meta"):
         model = GPT2(GPT2Config.from_name("tiny", vocab_size=211, block_size=64))
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model.tie_weights()
     model.init_weights()
     assert model.lm_head.weight is model.transformer.wte.weight
     std = model.transformer.h[0].mlp.c_proj.weight.std().item()
     assert abs(std - 0.02 / math.sqrt(4)) < 0.003
-    loss = model(torch.randint(0, 211, (1, 16)), labels=torch.randint(0, 211, (1, 16)))
+    loss = model(torch.randint(0, 211, (1, 16), device=device), labels=torch.randint(0, 211, (1, 16), device=device))
     assert abs(loss.item() - math.log(211)) < 0.3  # near-uniform at init
 
 
@@ -327,9 +327,9 @@ def test_forward_argument_errors():
         model(torch.randint(0, 211, (1, 8)), labels=torch.randint(0, 211, (1, 7)))
 
 
-def test_loss_equals_cross_entropy_of_logits():
-    model = tiny()
-    ids, labels = torch.randint(0, 211, (2, 24)), torch.randint(0, 211, (2, 24))
+def test_loss_equals_cross_entropy_of_logits(device):
+    model = tiny(device)
+    ids, labels = torch.randint(0, 211, (2, 24), device=device), torch.randint(0, 211, (2, 24), device=device)
     labels[1, :5] = -100
     with torch.no_grad():
         ref = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten())
@@ -338,13 +338,13 @@ def test_loss_equals_cross_entropy_of_logits():
             assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
 
 
-def test_loss_goes_through_the_output_module():
+def test_loss_goes_through_the_output_module(device):
     """Parameter-gathering wrappers hook module forwards: the fused loss must run inside lm_head's."""
-    model = tiny()
+    model = tiny(device)
     calls = []
     model.lm_head.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[1] is not None),
                                             with_kwargs=True)
-    ids = torch.randint(0, 211, (1, 16))
+    ids = torch.randint(0, 211, (1, 16), device=device)
     model(ids, labels=ids)
     model(ids)
     assert calls == [True, False]

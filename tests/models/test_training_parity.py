@@ -22,12 +22,12 @@ def train(model, batches, loss_fn):
     return losses
 
 
-def test_loss_curve_matches_hugging_face():
-    hf = hf_gpt2(vocab_size=384, n_positions=64, seed=7).train()
+def test_loss_curve_matches_hugging_face(device):
+    hf = hf_gpt2(vocab_size=384, n_positions=64, seed=7).to(device).train()
     ours = GPT2.from_hf(hf).train()
     g = torch.Generator().manual_seed(0)
     # two fixed batches, alternated, so the loss falls visibly as the model memorises them
-    data = [torch.randint(0, 384, (2, 49), generator=g) for _ in range(2)]
+    data = [torch.randint(0, 384, (2, 49), generator=g).to(device) for _ in range(2)]
     batches = [data[i % 2] for i in range(STEPS)]
 
     # ours takes labels already shifted; Hugging Face shifts inside
@@ -42,14 +42,14 @@ def test_loss_curve_matches_hugging_face():
         assert rel_err(p, hf_state[name]) < 1e-4, name
 
 
-def test_packed_training_step_matches_separate_documents():
+def test_packed_training_step_matches_separate_documents(device):
     """Training on packed documents equals training on the documents as separate sequences."""
     hf = hf_gpt2(vocab_size=384, n_positions=64, seed=8)
-    packed, separate = GPT2.from_hf(hf).train(), GPT2.from_hf(hf).train()
+    packed, separate = GPT2.from_hf(hf).to(device).train(), GPT2.from_hf(hf).to(device).train()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 384, (1, 48), generator=g)
-    labels = torch.randint(0, 384, (1, 48), generator=g)
-    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+    ids = torch.randint(0, 384, (1, 48), generator=g).to(device)
+    labels = torch.randint(0, 384, (1, 48), generator=g).to(device)
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32, device=device)
 
     def loss_packed(m, _):
         return m(ids, labels=labels, cu_seqlens=cu, max_seqlen=28)
