@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
@@ -29,19 +29,28 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit :class:`RunConfig`."""
 
 
+def _choice(default: Any, *allowed: Any) -> Any:
+    """A field restricted to ``allowed`` values (checked by :func:`load_config`; None means null).
+
+    Plain ``str``/``int`` annotations plus this list, rather than ``Literal``, so the config also
+    loads with OmegaConf 2.3.
+    """
+    return field(default=default, metadata={"choices": allowed})
+
+
 @dataclass
 class ModelConfig:
     """The GPT-2 to train (see :class:`flash_dist.models.GPT2Config`)."""
 
-    name: Literal["tiny", "small", "medium", "large", "xl"] = "small"
+    name: str = _choice("small", "tiny", "small", "medium", "large", "xl")
     """Size preset: tiny (2 layers, 64 wide, for tests), small (124M), medium (350M), large (774M), xl (1.5B)."""
     vocab_size: int = 50257
     """Token embedding rows; 50257 for the GPT-2 tokenizer."""
     block_size: int = 1024
     """Longest context with learned positions. Above a loaded checkpoint's table the table is extended."""
-    position_embedding: Literal["learned", "alibi"] = "learned"
+    position_embedding: str = _choice("learned", "learned", "alibi")
     """``learned``: GPT-2's position table; ``alibi``: linear attention biases, no table."""
-    extend_method: Literal["repeat", "interpolate"] = "repeat"
+    extend_method: str = _choice("repeat", "repeat", "interpolate")
     """How a loaded position table grows to ``block_size``: tile it, or resample it linearly."""
     init_from: Optional[str] = None
     """Local Hugging Face GPT-2 directory (``save_pretrained`` output) to start from; null: random init."""
@@ -89,7 +98,7 @@ class OptimConfig:
     """AdamW epsilon."""
     warmup_steps: int = 100
     """Optimizer steps of linear warm-up from 0 to ``lr``."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: str = _choice("cosine", "cosine", "linear", "constant")
     """Decay from ``lr`` to ``min_lr`` over the steps after warm-up (up to ``trainer.max_steps``)."""
 
     def lr_at(self, step: int, max_steps: int) -> float:
@@ -112,9 +121,9 @@ class TrainerConfig:
     """Devices per node: a count, or ``auto``."""
     num_nodes: int = 1
     """Number of nodes."""
-    accelerator: Literal["auto", "gpu", "cuda", "cpu"] = "auto"
+    accelerator: str = _choice("auto", "auto", "gpu", "cuda", "cpu")
     """Lightning accelerator."""
-    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true"] = "bf16-mixed"
+    precision: str = _choice("bf16-mixed", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
     """Lightning precision; the attention kernels take fp32, fp16 and bf16."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
@@ -140,15 +149,15 @@ class TrainerConfig:
 class StrategyConfig:
     """How the model is spread over devices."""
 
-    sharding: Optional[Literal["fsdp", "deepspeed", "ddp"]] = "fsdp"
+    sharding: Optional[str] = _choice("fsdp", "fsdp", "deepspeed", "ddp", None)
     """``fsdp`` (FSDP2, per-block), ``deepspeed`` (ZeRO), ``ddp`` (replicated); null: single device."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward instead of keeping its activations."""
     context_parallel: int = 1
     """Devices that split each sequence between them (1: none)."""
-    context_parallel_mode: Literal["ring", "ulysses"] = "ring"
+    context_parallel_mode: str = _choice("ring", "ring", "ulysses")
     """``ring``: pass K/V blocks around (zigzag split, balanced for causal); ``ulysses``: all-to-all over heads."""
-    deepspeed_stage: int = 3
+    deepspeed_stage: int = _choice(3, 1, 2, 3)
     """ZeRO stage (1, 2 or 3) when ``sharding`` is ``deepspeed``."""
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer state in CPU memory."""
@@ -162,7 +171,7 @@ class StrategyConfig:
 class LoggingConfig:
     """Where metrics go."""
 
-    logger: Optional[Literal["csv", "tensorboard", "wandb"]] = "csv"
+    logger: Optional[str] = _choice("csv", "csv", "tensorboard", "wandb", None)
     """Lightning logger; null: none."""
     project: str = "flash-dist"
     """Project name (wandb project, log sub-directory)."""
@@ -206,8 +215,8 @@ def _section_type(path: str) -> type | None:
     return cls
 
 
-def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = str(getattr(err, "full_key", "") or "")
+def _config_error(err: OmegaConfBaseException, source: str, key_hint: str = "") -> ConfigError:
+    key = str(getattr(err, "full_key", "") or "") or key_hint
     where = f" (in {source})" if source else ""
     if isinstance(err, MissingMandatoryValue):
         missing = key or str(err).split(":")[-1].strip().splitlines()[0]
@@ -219,7 +228,7 @@ def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
         scope = f"section '{parent}'" if parent else "the top level"
         return ConfigError(f"unknown key '{key}'{where}: {scope} allows {allowed}")
     if isinstance(err, ValidationError):
-        message = str(getattr(err, "msg", err)).splitlines()[0]
+        message = str(getattr(err, "msg", None) or err).splitlines()[0]
         if "'None'" in message:
             message += " (write null for None)"
         return ConfigError(f"{key}: {message}{where}")
@@ -229,7 +238,20 @@ def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
 # ---------------------------------------------------------------------------- checks across fields
 
 
+def _check_choices(cfg: RunConfig) -> None:
+    for section in dataclasses.fields(cfg):
+        value_section = getattr(cfg, section.name)
+        for f in dataclasses.fields(value_section):
+            allowed = f.metadata.get("choices")
+            value = getattr(value_section, f.name)
+            if allowed is not None and value not in allowed:
+                names = ", ".join("null" if a is None else str(a) for a in allowed)
+                hint = " (write null for None)" if value == "None" and None in allowed else ""
+                raise ConfigError(f"{section.name}.{f.name}: {value!r} is not allowed; allowed: {names}{hint}")
+
+
 def _check(cfg: RunConfig) -> None:
+    _check_choices(cfg)
     def positive(name: str, value: Any) -> None:
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -262,14 +284,13 @@ def _check(cfg: RunConfig) -> None:
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr / optim.min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={o.lr}, min_lr={o.min_lr}")
-    if not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
+    o.betas = tuple(o.betas)  # OmegaConf 2.3 gives a list
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas: two numbers in [0, 1), got {list(o.betas)}")
     if o.warmup_steps < 0 or o.weight_decay < 0 or o.eps <= 0:
         raise ConfigError("optim.warmup_steps, optim.weight_decay: must be >= 0, optim.eps: > 0; got "
                           f"{o.warmup_steps}, {o.weight_decay}, {o.eps}")
     s = cfg.strategy
-    if s.deepspeed_stage not in (1, 2, 3):
-        raise ConfigError(f"strategy.deepspeed_stage: allowed 1, 2, 3; got {s.deepspeed_stage}")
     for name in ("offload_optimizer", "offload_parameters"):
         if getattr(s, name) and s.sharding != "deepspeed":
             raise ConfigError(f"strategy.{name}: applies to strategy.sharding=deepspeed, not {s.sharding!r}")
@@ -292,7 +313,7 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     missing required values (``data.path``) and inconsistent combinations.
     """
     base = OmegaConf.structured(RunConfig)
-    layers: list[tuple[Any, str]] = []
+    layers: list[tuple[Any, str, str]] = []
     if recipe is not None:
         path = Path(recipe)
         if not path.is_file():
@@ -300,17 +321,17 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
         loaded = OmegaConf.load(path)
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a {type(loaded).__name__}")
-        layers.append((loaded, str(path)))
+        layers.append((loaded, str(path), ""))
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-4")
-        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}", item.split("=", 1)[0].strip()))
     cfg = base
-    for layer, source in layers:
+    for layer, source, key in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise _config_error(err, source) from None
+            raise _config_error(err, source, key) from None
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
