@@ -24,7 +24,7 @@ def train(model, batches, loss_fn):
 
 def test_loss_curve_matches_hugging_face(device):
     hf = hf_gpt2(vocab_size=384, n_positions=64, seed=7).to(device).train()
-    ours = GPT2.from_hf(hf).train()
+    ours = GPT2.from_hf(hf).to(device).train()
     g = torch.Generator().manual_seed(0)
     # two fixed batches, alternated, so the loss falls visibly as the model memorises them
     data = [torch.randint(0, 384, (2, 49), generator=g).to(device) for _ in range(2)]
