@@ -69,11 +69,37 @@ def _slurm_parser(sub) -> None:
     sl.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
 
 
+def _train_parser(sub) -> None:
+    tr = sub.add_parser(
+        "train", help="train GPT-2 from a recipe",
+        description="Train GPT-2 as RECIPE says, with key=value overrides (e.g. optim.lr=3e-4 trainer.max_steps=50). "
+                    "The resolved config is printed and saved in trainer.default_root_dir with checkpoints, "
+                    "CSV logs (loss, tokens/s, MFU, peak memory) and curves.png; running the same command again "
+                    "resumes from the last checkpoint there. On a machine without a GPU (trainer.accelerator=cpu) "
+                    "the kernels run in Triton's interpreter.")
+    tr.__class__ = _IntermixedParser
+    tr.add_argument("recipe", help="recipe YAML (see recipes/)")
+    tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _prepare_parser(sub) -> None:
+    from flash_dist.data.prepare import add_arguments
+
+    pr = sub.add_parser(
+        "prepare", help="tokenize text into GPT-2 token shards",
+        description="Tokenize text files with the GPT-2 BPE (offline) into uint16 memmap shards with a "
+                    "train/validation split, documents joined with <|endoftext|>.")
+    add_arguments(pr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flash-dist",
         description="FlashAttention kernels in Triton and a Lightning strategy for long-sequence training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _prepare_parser(sub)
     _bench_parser(sub)
     _slurm_parser(sub)
     return parser
@@ -110,6 +136,29 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             build_parser().error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(attention.METHODS)}")
         return attention.main(args)
+    if args.command == "train":
+        from flash_dist.config import ConfigError, config_to_yaml, load_config
+
+        try:
+            cfg = load_config(args.recipe, args.overrides)
+        except (ConfigError, FileNotFoundError) as exc:
+            build_parser().error(str(exc))
+        if args.print_config:
+            print(config_to_yaml(cfg))
+            return 0
+        import torch
+
+        if cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available()):
+            _use_interpreter(argv)
+        from flash_dist.train import train
+
+        train(cfg)
+        return 0
+    if args.command == "prepare":
+        from flash_dist.data.prepare import run as prepare_run
+
+        prepare_run(args)
+        return 0
     if args.command == "slurm":
         from flash_dist import slurm
 

@@ -369,6 +369,8 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     else:
         batch, hq, seq_q, head_dim = q.shape
         hkv, seq_k = k.shape[1], k.shape[2]
+    # delta shares lse's strides in the kernels, so both must be dense (a sliced lse is copied)
+    lse = lse.contiguous()
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv

@@ -39,9 +39,9 @@ class FlashDeepSpeedStrategy(FlashStrategy, DeepSpeedStrategy):
             raise ValueError(f"FlashStrategy: deepspeed_stage must be 1, 2 or 3, got {deepspeed_stage!r}")
         if context_parallel != 1:
             raise ValueError("FlashStrategy: context_parallel > 1 is supported with sharding='fsdp' only")
-        DeepSpeedStrategy.__init__(self, stage=deepspeed_stage, offload_optimizer=deepspeed_offload,
-                                   offload_parameters=deepspeed_offload and deepspeed_stage == 3,
-                                   config=deepspeed_config, **kwargs)
+        kwargs.setdefault("offload_optimizer", deepspeed_offload)
+        kwargs.setdefault("offload_parameters", deepspeed_offload and deepspeed_stage == 3)
+        DeepSpeedStrategy.__init__(self, stage=deepspeed_stage, config=deepspeed_config, **kwargs)
         self._init_flash(activation_checkpointing=activation_checkpointing, block_classes=block_classes,
                          swap=swap, strict_swap=strict_swap)
 

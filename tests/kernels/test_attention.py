@@ -195,3 +195,18 @@ def test_default_scale_is_inverse_sqrt_head_dim(device):
     a = flash_attention(q, k, v)
     b = flash_attention(q, k, v, softmax_scale=1 / math.sqrt(24))
     assert torch.equal(a, b)
+
+
+def test_backward_accepts_a_sliced_lse(device):
+    """A ring-attention chunk passes a slice of the merged lse: the backward must not misread it."""
+    torch.manual_seed(6)
+    q, k, v = (randn(1, 2, 40, 16, dtype=torch.float32, device=device) for _ in range(3))
+    kw = dict(softmax_scale=0.25, window=(-1, 0))
+    out, lse = attention_forward(q, k, v, **kw)
+    wide = torch.full((1, 2, 80), float("nan"), device=device)
+    wide[..., ::2] = lse
+    dout = torch.randn_like(out)
+    want = attention_backward(dout, q, k, v, out, lse, **kw)
+    got = attention_backward(dout, q, k, v, out, wide[..., ::2], **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

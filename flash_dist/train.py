@@ -1,0 +1,270 @@
+"""``flash-dist train``: GPT-2 from a recipe, with FlashStrategy, throughput/MFU logs and plots.
+
+recipe -> :class:`~flash_dist.config.RunConfig` -> :class:`GPT2Module` (the model, built in
+``configure_model``) + :class:`~flash_dist.data.TokenDataModule` -> ``Trainer(strategy=FlashStrategy)``.
+A run lives in ``trainer.default_root_dir``: the resolved ``config.yaml``, ``checkpoints/``,
+CSV/TensorBoard logs and, at the end, ``curves.png``. Starting the same command again resumes
+from the newest checkpoint there, data position included.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from flash_dist.config import RunConfig, config_to_yaml, save_config
+
+
+class GPT2Module(L.LightningModule):
+    """GPT-2 language modelling on token windows (optionally packed documents).
+
+    The model is built in ``configure_model`` (so sharded strategies may build it on the meta
+    device); with context parallelism every rank of a group trains on its shard of the same
+    sequences and the loss is the mean over the whole sequence.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = None
+        self.tokens_per_batch = cfg.data.batch_size * cfg.data.seq_len
+        self.save_hyperparameters({"config": config_to_yaml(cfg)})
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from flash_dist.models.gpt2 import GPT2, GPT2Config
+
+        m = self.cfg.model
+        fields = dict(attn_pdrop=m.attn_pdrop, resid_pdrop=m.resid_pdrop, embd_pdrop=m.embd_pdrop,
+                      loss_chunk_size=m.loss_chunk_size, position_embedding=m.position_embedding)
+        if m.init_from:
+            model = GPT2.from_hf(m.init_from, **fields)
+        else:
+            model = GPT2(GPT2Config.from_name(m.name, vocab_size=m.vocab_size, block_size=m.block_size, **fields))
+        if m.position_embedding == "learned" and model.config.block_size < self.cfg.data.seq_len:
+            model.extend_position_embeddings(self.cfg.data.seq_len, method=m.extend_method)
+        self.model = model
+
+    @property
+    def flops_per_batch(self) -> float:
+        """Training FLOPs of one batch on this device, for MFU (formula in ``GPT2.flops_per_token``)."""
+        return self.model.flops_per_token(self.cfg.data.seq_len) * self.tokens_per_batch / self._cp_size()
+
+    def _cp_size(self) -> int:
+        return getattr(self.trainer.strategy, "context_parallel", 1) if self._trainer is not None else 1
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        cp = self._cp_size()
+        if cp == 1:
+            return self.model(**batch)
+        from flash_dist.parallel import sequence_loss, shard_batch
+
+        group = self.trainer.strategy.context_parallel_group
+        shard = shard_batch({k: batch[k] for k in ("input_ids", "labels")}, group)
+        loss_sum = self.model(shard["input_ids"], labels=shard["labels"], position_ids=shard["position_ids"],
+                              reduction="sum")
+        # FSDP averages gradients over data x context ranks: "mean" scales this rank's share to match
+        return sequence_loss(loss_sum, (shard["labels"] != -100).sum(), group, gradient="mean")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        total = max(self.cfg.trainer.max_steps, 1)
+
+        def factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if o.schedule == "constant":
+                return 1.0
+            progress = min((step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
+            shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
+            return (o.min_lr + (o.lr - o.min_lr) * shape) / o.lr
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PeakMemory(Callback):
+    """Logs the peak GPU memory (GiB) of the logging interval, then resets the counter."""
+
+    def __init__(self, every_n_steps: int):
+        self.every = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not torch.cuda.is_available() or trainer.global_step % self.every:
+            return
+        pl_module.log("train/peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
+        torch.cuda.reset_peak_memory_stats()
+
+
+class RunSummary(Callback):
+    """At the end of training: a PNG of loss and throughput curves and a one-line summary."""
+
+    def __init__(self, root: Path):
+        self.root, self.started = root, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = _read_csv_metrics(trainer)
+        if metrics:
+            plot_curves(metrics, self.root / "curves.png")
+            rank_zero_info(f"flash-dist: wrote {self.root / 'curves.png'}")
+        last = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        summary = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(last.items()))
+        rank_zero_info(f"flash-dist: {trainer.global_step} steps in {time.perf_counter() - self.started:.0f} s; {summary}")
+
+
+def _read_csv_metrics(trainer) -> list[dict[str, str]]:
+    import csv
+
+    for logger in trainer.loggers:
+        path = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
+        if type(logger).__name__ == "CSVLogger" and path.exists():
+            logger.save()
+            with open(path) as f:
+                return list(csv.DictReader(f))
+    return []
+
+
+def plot_curves(rows: list[dict[str, str]], out: Path) -> None:
+    """Loss (train and validation) and tokens/s against steps, from the CSV logger's rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    tps_key = next((k for k in ("train|device/items_per_sec", "device/items_per_sec", "train/device/items_per_sec")
+                    if rows and k in rows[0]), None)
+    fig, axes = plt.subplots(1, 2 if tps_key else 1, figsize=(11 if tps_key else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
+        xs, ys = series(key)
+        if xs:
+            ax.plot(xs, ys, label=label, marker="o" if key == "val/loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if tps_key:
+        xs, ys = series(tps_key)
+        axes[0][1].plot(xs, ys)
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("tokens / s / device")
+        axes[0][1].set_title("throughput")
+        axes[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def build_strategy(cfg: RunConfig):
+    from flash_dist.strategy import FlashStrategy
+
+    s = cfg.strategy
+    kwargs: dict[str, Any] = dict(sharding=s.sharding, activation_checkpointing=s.activation_checkpointing,
+                                  context_parallel=s.context_parallel, swap=True)
+    if s.sharding == "fsdp":
+        kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload)
+    if s.sharding == "deepspeed":
+        kwargs.update(deepspeed_stage=s.deepspeed_stage, offload_optimizer=s.offload_optimizer,
+                      offload_parameters=s.offload_parameters)
+    return FlashStrategy(**kwargs)
+
+
+def build_trainer(cfg: RunConfig, *, extra_callbacks=()) -> L.Trainer:
+    t = cfg.trainer
+    root = Path(t.default_root_dir)
+    loggers = []
+    if cfg.logging.logger is not None:
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        loggers.append(CSVLogger(root, name="logs", version=""))
+        if cfg.logging.logger == "tensorboard":
+            loggers.append(TensorBoardLogger(root, name="tb", version=""))
+        if cfg.logging.logger == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project=cfg.logging.project, name=cfg.logging.run_name, save_dir=root))
+    callbacks: list[Callback] = [
+        ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
+                          window_size=min(10, max(t.log_every_n_steps, 2))),
+        LearningRateMonitor(logging_interval="step"),
+        RunSummary(root),
+    ]
+    if cfg.logging.log_memory:
+        callbacks.append(PeakMemory(t.log_every_n_steps))
+    if t.ckpt_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", every_n_train_steps=t.ckpt_every_n_steps,
+                                         save_top_k=2, monitor="step", mode="max", save_last="link"))
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    except (ImportError, ModuleNotFoundError):
+        pass
+    callbacks.extend(extra_callbacks)
+    accelerator = "cuda" if t.accelerator == "gpu" else t.accelerator
+    return L.Trainer(
+        accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=build_strategy(cfg), max_steps=t.max_steps, max_epochs=-1,
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        default_root_dir=root, logger=loggers or False, callbacks=callbacks,
+        enable_checkpointing=bool(t.ckpt_every_n_steps), num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data module shards by data-parallel rank itself
+    )
+
+
+def resume_path(cfg: RunConfig) -> str | None:
+    """The newest checkpoint of this run directory, if any (``last.ckpt`` from ModelCheckpoint)."""
+    last = Path(cfg.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def train(cfg: RunConfig) -> L.Trainer:
+    """Train GPT-2 as ``cfg`` says; returns the Trainer after ``fit``."""
+    from flash_dist.data import TokenDataModule
+
+    L.seed_everything(cfg.trainer.seed, workers=True)
+    root = Path(cfg.trainer.default_root_dir)
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        save_config(cfg, root / "config.yaml")
+        rank_zero_info(f"flash-dist: resolved config (also in {root / 'config.yaml'}):\n{config_to_yaml(cfg)}")
+    data = TokenDataModule.from_config(cfg.data, seed=cfg.trainer.seed)
+    module = GPT2Module(cfg)
+    ckpt = resume_path(cfg)
+    if ckpt:
+        rank_zero_info(f"flash-dist: resuming from {ckpt}")
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return trainer
