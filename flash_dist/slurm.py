@@ -264,16 +264,19 @@ class RequeueOnSignal(Callback):
     happens to be (mid-step, or inside a collective while another rank is not), which can hang a
     sharded save or resume a half-done step. Here the handler only sets a flag; at the end of every
     optimizer step the ranks agree (one all-reduce of a bool) whether any of them got the signal,
-    and if so all save ``hpc_ckpt_N.ckpt`` in ``default_root_dir`` at that same step, rank 0 runs
+    and if so all save ``hpc_ckpt_N.ckpt`` in ``default_root_dir`` at that same step (older ones beyond
+    ``keep`` are deleted), rank 0 runs
     ``scontrol requeue $SLURM_JOB_ID`` and training stops with ``SIGTERMException`` (a SystemExit), so
     nothing that follows ``fit`` treats the run as finished. This replaces Lightning's handler
     (``SLURMEnvironment.auto_requeue`` is switched off). Outside a Slurm job it does nothing.
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True):
+    def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True, keep: int = 1):
         super().__init__()
+        if keep < 1:
+            raise ValueError(f"RequeueOnSignal: keep must be >= 1 (checkpoints to keep), got {keep}")
         self.signum = signal.Signals(signum)
-        self.requeue = requeue
+        self.requeue, self.keep = requeue, keep
         self.signalled = False
         self.saved: Optional[str] = None
         self._previous: Any = None
@@ -318,8 +321,11 @@ class RequeueOnSignal(Callback):
         number = int(HPC_CHECKPOINT.match(existing[-1].name).group(1)) + 1 if existing else 1
         path = str(Path(trainer.default_root_dir) / f"hpc_ckpt_{number}.ckpt")
         path = trainer.strategy.broadcast(path, src=0)
-        trainer.save_checkpoint(path)  # collective: every rank, same step
+        trainer.save_checkpoint(path)  # collective: every rank, same step; ends with a barrier
         self.saved = path
+        if trainer.is_global_zero:  # the new one is complete (written, then renamed into place)
+            for old in hpc_checkpoints(trainer.default_root_dir)[:-self.keep]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
         rank_zero_info(f"[flash-dist] {self.signum.name}: saved {path} at step {trainer.global_step}")
         if not self.requeue:
             return

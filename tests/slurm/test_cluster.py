@@ -81,3 +81,78 @@ def test_sigusr1_on_a_two_node_job_saves_requeues_and_resumes_exactly(slurm_clus
         got, want = read_losses(tmp_path / "run", rank), read_losses(tmp_path / "ref", rank)
         assert [s for s, _ in got] == list(range(steps))  # every step once: none lost, none repeated
         assert got == want
+
+
+# ---------------------------------------------------------------------------- flash-dist slurm + train
+
+TINY_STEPS = 12
+
+
+def submit_tiny(tmp_path: Path, data: Path, run: str) -> tuple[str, Path, Path]:
+    """``flash-dist slurm`` the tiny CPU recipe on 2 nodes x 1 process; (job id, log, run dir)."""
+    run_dir = tmp_path / run
+    overrides = [f"data.path={data}", "data.seq_len=64", "data.batch_size=2", "trainer.devices=1",
+                 "trainer.num_nodes=2", f"trainer.max_steps={TINY_STEPS}", "trainer.ckpt_every_n_steps=4",
+                 "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", f"trainer.default_root_dir={run_dir}"]
+    res = subprocess.run([sys.executable, "-m", "flash_dist.cli", "slurm", str(REPO / "recipes" / "tiny-cpu.yaml"),
+                          "--nodes", "2", "--gpus-per-node", "1", "--master-addr", "127.0.0.1", "--time", "00:10:00",
+                          "--job-name", f"tiny-{run}", *overrides], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    job_id = lines[-2].removeprefix("submitted job ")
+    assert lines[-1] == f"log: {run_dir}/slurm/tiny-{run}-{job_id}.out"
+    return job_id, Path(lines[-1].removeprefix("log: ")), run_dir
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(slurm_cluster, tmp_path_factory, token_data):
+    """The tiny recipe run to the end through ``flash-dist slurm`` (the uninterrupted reference)."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    job_id, log, run_dir = submit_tiny(tmp_path, token_data, "full")
+    info = slurm_cluster.wait_until_done(job_id, 300)
+    return info, log, run_dir
+
+
+def test_tiny_recipe_trains_on_two_nodes(tiny_run):
+    info, log, run_dir = tiny_run
+    text = log.read_text()
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", text[-4000:]
+    assert "[flash-dist] job" in text and f"`max_steps={TINY_STEPS}` reached" in text
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in text  # the second node's process joined
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(TINY_STEPS))
+    assert losses[TINY_STEPS - 1] < losses[0]
+    assert (run_dir / "checkpoints" / f"step={TINY_STEPS}.ckpt").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_requeued_tiny_run_ends_with_the_uninterrupted_loss(slurm_cluster, tmp_path, token_data, tiny_run):
+    job_id, log, run_dir = submit_tiny(tmp_path, token_data, "cut")
+    try:
+        # the step-4 checkpoint exists: training is under way, well before the end
+        slurm_cluster.wait(job_id, lambda i: (run_dir / "checkpoints" / "step=4.ckpt").exists(), 240, "step 4")
+        slurm_cluster.run("scancel", "--signal=USR1", job_id)  # what --signal=USR1@90 sends before the time limit
+        info = slurm_cluster.wait_until_done(job_id, 300)
+    finally:
+        slurm_cluster.run("scancel", job_id, check=False)
+    text = log.read_text()
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", text[-4000:]
+    assert "attempt 2" in text, text[-4000:]
+    assert f"requeued Slurm job {job_id}" in text, (
+        "the job was requeued, but not by flash_dist.slurm.RequeueOnSignal: flash_dist.train must add it to "
+        "the Trainer's callbacks")
+    [ckpt] = slurm.hpc_checkpoints(run_dir)
+    assert f"resuming from {ckpt}" in text, (  # the checkpoint saved on the signal, not an older one
+        f"the requeued job did not resume from {ckpt.name}: flash_dist.train must resume from the newest of "
+        "checkpoints/last.ckpt and hpc_ckpt_N.ckpt")
+    full, cut = train_losses(tiny_run[2]), train_losses(run_dir)
+    assert TINY_STEPS - 1 in cut and cut[TINY_STEPS - 1] == full[TINY_STEPS - 1]
+    assert all(cut[s] == full[s] for s in cut)  # the resumed part of the curve is the uninterrupted one

@@ -48,10 +48,13 @@ def train(tmp_path: Path, data: Path, root: str, out: str, *args: str) -> subpro
 
 
 def test_signal_on_one_rank_saves_both_at_one_step_requeues_and_resumes_exactly(tmp_path, token_data):
+    older = tmp_path / "run" / "hpc_ckpt_1.ckpt"  # from an earlier preemption (a sharded one is a folder)
+    older.mkdir(parents=True)
+    (older / "shard").write_text("old")
     res = train(tmp_path, token_data, "run", "cut", "--signal-step", "3", "--signal-rank", "1")
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    [ckpt] = hpc_checkpoints(tmp_path / "run")
-    assert ckpt.name == "hpc_ckpt_1.ckpt"
+    [ckpt] = hpc_checkpoints(tmp_path / "run")  # the older one is gone once the new one is written
+    assert ckpt.name == "hpc_ckpt_2.ckpt"
     assert torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"] == 4
     assert "SIGUSR1: saved" in res.stdout + res.stderr
     cut = losses(tmp_path / "cut")
