@@ -2,7 +2,8 @@
 
 Layers: Triton kernels and launchers (``forward.py``, ``backward.py``) -> custom ops
 ``flash_dist::attn_fwd`` / ``flash_dist::attn_bwd`` with fake (meta) implementations, so
-``torch.compile`` keeps them in its graph -> :func:`flash_attention` and
+``torch.compile`` keeps them in its graph, and :class:`FlashAttnFunction`, the same thing
+without the dispatcher for eager calls -> :func:`flash_attention` and
 :func:`flash_attention_varlen`, which check their arguments and document the conventions.
 """
 
@@ -80,6 +81,43 @@ def _backward(ctx, dout, dlse):
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class FlashAttnFunction(torch.autograd.Function):
+    """The eager path: the same launchers as the custom ops, without the op dispatcher.
+
+    ``torch.library`` dispatch costs ~0.1 ms of host time per call, as much as the kernel of a
+    small layer, so eager calls take this path and only traced graphs use the custom ops.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout_p, win_l, win_r, slopes, rng):
+        out, lse = attention_forward(q, k, v, softmax_scale=scale, window=(win_l, win_r), alibi_slopes=slopes,
+                                     dropout_p=dropout_p, rng=rng, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                     max_seqlen_q=max_q, max_seqlen_k=max_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, rng)
+        ctx.args = (max_q, max_k, scale, dropout_p, win_l, win_r)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, slopes, rng = ctx.saved_tensors
+        max_q, max_k, scale, dropout_p, win_l, win_r = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, window=(win_l, win_r),
+                                        alibi_slopes=slopes, dropout_p=dropout_p, rng=rng, dlse=dlse,
+                                        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                        max_seqlen_k=max_k)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+def _attention(*args):
+    """(out, lse): the custom op inside torch.compile graphs, the autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        return attn_fwd(*args)
+    return FlashAttnFunction.apply(*args)
+
+
 def draw_rng(device) -> Tensor:
     """The dropout ``(seed, offset)`` pair, drawn from torch's generator for ``device``.
 
@@ -138,8 +176,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     validate.check_tensors(fn, q, k, v, varlen=False)
     scale, window, slopes, rng = _prepare(fn, q, causal, softmax_scale, dropout_p, window_size,
                                           alibi_slopes, q.shape[0], q.shape[1])
-    out, lse = attn_fwd(q, k, v, None, None, 0, 0, scale, float(dropout_p), window[0], window[1],
-                        slopes, rng)
+    out, lse = _attention(q, k, v, None, None, 0, 0, scale, float(dropout_p), window[0], window[1],
+                          slopes, rng)
     return (out, lse) if return_lse else out
 
 
@@ -168,6 +206,6 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     validate.check_cu_seqlens(fn, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, window, slopes, rng = _prepare(fn, q, causal, softmax_scale, dropout_p, window_size,
                                           alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1])
-    out, lse = attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                        scale, float(dropout_p), window[0], window[1], slopes, rng)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                          scale, float(dropout_p), window[0], window[1], slopes, rng)
     return (out, lse) if return_lse else out

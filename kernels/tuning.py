@@ -85,9 +85,23 @@ def autotuned(space: dict):
                            cache_results=True)
 
 
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
 def launch(kernel, grid, args, kwargs, config: triton.Config | None = None):
-    """Run an autotuned kernel, or, with ``config``, its plain Triton function with that config."""
+    """Run an autotuned kernel, or, with ``config``, its plain Triton function with that config.
+
+    Once the autotuner has chosen a config for a key, later calls go straight to the Triton
+    function with it: the autotuner's own bookkeeping costs host time on every call.
+    """
     if config is None:
-        return kernel[grid](*args, **kwargs)
+        named = dict(zip(kernel.arg_names, args))
+        key = (id(kernel), args[0].dtype, *(kwargs[k] if k in kwargs else named[k] for k in KEY))
+        config = _CHOSEN.get(key)
+        if config is None:
+            kernel[grid](*args, **kwargs)
+            if not INTERPRET and getattr(kernel, "best_config", None) is not None:
+                _CHOSEN[key] = kernel.best_config
+            return None
     return kernel.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
                            num_stages=config.num_stages)

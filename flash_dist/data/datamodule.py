@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from flash_dist.config import DataConfig
 from flash_dist.data.dataset import TokenDataset, collate_tokens
 from flash_dist.data.sampler import ResumableDistributedSampler
+
+if TYPE_CHECKING:  # the data pipeline itself does not need OmegaConf
+    from flash_dist.config import DataConfig
 
 __all__ = ["TokenDataModule"]
 
