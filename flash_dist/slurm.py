@@ -174,7 +174,8 @@ def render(job: SlurmJob, template: str | os.PathLike | None = None) -> str:
 
     path = Path(template) if template is not None else TEMPLATE
     if not path.is_file():
-        raise FileNotFoundError(f"sbatch template {path} not found")
+        raise FileNotFoundError(f"sbatch template {path} not found: it is slurm/train.sbatch of the flash-dist "
+                                "source tree; pass --template PATH")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["q"] = lambda v: shlex.quote(_check_text("value", str(v)))

@@ -224,3 +224,9 @@ def test_failed_sbatch_is_reported(tmp_path, capsys, monkeypatch):
     rc = cli_main(["slurm", "tiny.yaml", "--nodes", "1", "--gpus-per-node", "2", "--partition", "gpu"])
     assert rc == 2
     assert "invalid partition specified: gpu" in capsys.readouterr().err
+
+
+def test_missing_template_names_the_option(tmp_path):
+    job = slurm.plan(write_recipe(tmp_path), nodes=1, gpus_per_node=2, workdir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"sbatch template .*nope.sbatch not found: .*pass --template PATH"):
+        slurm.render(job, tmp_path / "nope.sbatch")
