@@ -207,7 +207,7 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks=()) -> L.Trainer:
     if cfg.logging.logger is not None:
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-        loggers.append(CSVLogger(root, name="logs", version=""))
+        loggers.append(CSVLogger(root, name="logs"))  # version_N per attempt: a resume keeps earlier rows
         if cfg.logging.logger == "tensorboard":
             loggers.append(TensorBoardLogger(root, name="tb", version=""))
         if cfg.logging.logger == "wandb":
@@ -231,6 +231,9 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks=()) -> L.Trainer:
         callbacks.append(RichProgressBar(leave=True))
     except (ImportError, ModuleNotFoundError):
         pass
+    from flash_dist.slurm import RequeueOnSignal
+
+    callbacks.append(RequeueOnSignal())  # inside a Slurm job: checkpoint and requeue on SIGUSR1
     callbacks.extend(extra_callbacks)
     accelerator = "cuda" if t.accelerator == "gpu" else t.accelerator
     return L.Trainer(
@@ -246,9 +249,13 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks=()) -> L.Trainer:
 
 
 def resume_path(cfg: RunConfig) -> str | None:
-    """The newest checkpoint of this run directory, if any (``last.ckpt`` from ModelCheckpoint)."""
-    last = Path(cfg.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    """The newest checkpoint of this run directory, if any: the periodic ``checkpoints/last.ckpt``
+    or the ``hpc_ckpt_N.ckpt`` a Slurm preemption saved, whichever was written last."""
+    from flash_dist.slurm import hpc_checkpoints
+
+    root = Path(cfg.trainer.default_root_dir)
+    found = [p for p in (root / "checkpoints" / "last.ckpt", *hpc_checkpoints(root)[-1:]) if p.exists()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def train(cfg: RunConfig) -> L.Trainer:
@@ -266,5 +273,10 @@ def train(cfg: RunConfig) -> L.Trainer:
     ckpt = resume_path(cfg)
     if ckpt:
         rank_zero_info(f"flash-dist: resuming from {ckpt}")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    finally:
+        # leaving with the process group up can abort a rank at interpreter exit
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return trainer

@@ -108,8 +108,12 @@ def submit_tiny(tmp_path: Path, data: Path, run: str) -> tuple[str, Path, Path]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     import csv
 
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    # one CSV per attempt (logs/version_N): a requeued run continues in the next one
+    losses: dict[int, float] = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with open(path) as f:
+            losses.update({int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")})
+    return losses
 
 
 @pytest.fixture(scope="module")
