@@ -1,16 +1,7 @@
 """Tiny random Hugging Face GPT-2 models built locally (nothing is downloaded)."""
 
-import sys
-
 import pytest
 import torch
-
-# Under pytest the repository root is on sys.path, so the top-level ``kernels`` directory (the
-# package behind ``flash_dist.kernels``) is importable as plain ``kernels``. transformers probes
-# for the Hugging Face ``kernels`` package by importing that name, which would load our kernels a
-# second time and re-register the ``flash_dist::attn_*`` custom ops, leaving the first
-# registration's op handles dangling (garbage schemas, crashes). Mark the name as absent.
-sys.modules.setdefault("kernels", None)
 
 
 def hf_gpt2(*, vocab_size=50257, n_positions=128, n_layer=2, n_head=2, n_embd=64, seed=0):
