@@ -325,7 +325,12 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=3e-4")
-        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}", item.split("=", 1)[0].strip()))
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except Exception as err:  # the value is parsed as YAML: a stray `*` or backtick is a parse error
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(err).__name__}); "
+                              "quote it, e.g. key='\"text\"'") from None
+        layers.append((layer, f"override {item!r}", item.split("=", 1)[0].strip()))
     cfg = base
     for layer, source, key in layers:
         try:

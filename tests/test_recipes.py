@@ -43,3 +43,11 @@ def test_recipe_overrides_and_errors(tmp_path):
     assert cfg.optim.lr == 1e-4 and cfg.trainer.max_steps == 3
     with pytest.raises(ValueError, match="optim"):
         load_config(RECIPES[0], ["optim.lrr=1e-4"])
+
+
+@pytest.mark.parametrize("override", ["logging.run_name=*", "logging.run_name=`x"])
+def test_unparsable_override_is_a_config_error(override):
+    from flash_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RECIPES[0], [override])
