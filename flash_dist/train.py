@@ -38,20 +38,10 @@ class GPT2Module(L.LightningModule):
         self.save_hyperparameters({"config": config_to_yaml(cfg)})
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        from flash_dist.models.gpt2 import GPT2, GPT2Config
+        if self.model is None:
+            from flash_dist.models.build import build_model
 
-        m = self.cfg.model
-        fields = dict(attn_pdrop=m.attn_pdrop, resid_pdrop=m.resid_pdrop, embd_pdrop=m.embd_pdrop,
-                      loss_chunk_size=m.loss_chunk_size, position_embedding=m.position_embedding)
-        if m.init_from:
-            model = GPT2.from_hf(m.init_from, **fields)
-        else:
-            model = GPT2(GPT2Config.from_name(m.name, vocab_size=m.vocab_size, block_size=m.block_size, **fields))
-        if m.position_embedding == "learned" and model.config.block_size < self.cfg.data.seq_len:
-            model.extend_position_embeddings(self.cfg.data.seq_len, method=m.extend_method)
-        self.model = model
+            self.model = build_model(self.cfg.model)
 
     @property
     def flops_per_batch(self) -> float:

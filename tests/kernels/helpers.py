@@ -34,3 +34,12 @@ def randn(*shape, dtype, device, requires_grad=False):
 
 def leaf64(*tensors):
     return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def assert_matches_reference(out, lse, grads, ref, ref_lse, ref_grads, dtype):
+    """Output, lse and (dq, dk, dv) against the float64 reference, with the per-dtype tolerances."""
+    assert_close("out", out, ref, TOL[dtype])
+    if lse is not None:
+        assert_lse_close(lse, ref_lse.detach())
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, g, r, GRAD_TOL[dtype])
