@@ -3,20 +3,32 @@
 recipe -> :class:`~flash_dist.config.RunConfig` -> :class:`GPT2Module` (the model, built in
 ``configure_model``) + :class:`~flash_dist.data.TokenDataModule` -> ``Trainer(strategy=FlashStrategy)``.
 A run lives in ``trainer.default_root_dir``: the resolved ``config.yaml``, ``checkpoints/``,
-CSV/TensorBoard logs and, at the end, ``curves.png``. Starting the same command again resumes
-from the newest checkpoint there, data position included.
+CSV/TensorBoard logs, ``run_time.json`` and, at the end, ``curves.png``. Starting the same command
+again resumes from the newest checkpoint there, data position included; each such attempt writes
+its own ``logs/version_N/metrics.csv``, and ``curves.png`` and the final summary cover all of them.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ThroughputMonitor,
+)
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from flash_dist.config import RunConfig, config_to_yaml, save_config
@@ -108,51 +120,181 @@ class PeakMemory(Callback):
 
 
 class RunSummary(Callback):
-    """At the end of training: a PNG of loss and throughput curves and a one-line summary."""
+    """At the end of training: a PNG of loss and throughput curves and a one-line summary, both
+    over the whole run (every attempt), not only this one.
+
+    The curves merge every ``logs/version_N/metrics.csv`` (:func:`read_run_metrics`). The time is
+    this attempt's training seconds plus those that earlier attempts recorded in ``run_time.json``:
+    rank 0 records this attempt there when training ends and whenever a checkpoint is saved, so a
+    killed attempt keeps its time up to its last checkpoint.
+    """
 
     def __init__(self, root: Path):
         self.root, self.started = root, 0.0
+        self.attempt, self.started_at = uuid.uuid4().hex[:12], ""
+
+    @property
+    def time_file(self) -> Path:
+        return self.root / RUN_TIME_FILE
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.started = time.perf_counter()
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    def _record(self, trainer) -> list[dict[str, Any]]:
+        if not trainer.is_global_zero or not self.started:
+            return []
+        try:
+            return record_attempt_time(self.time_file, self.attempt, time.perf_counter() - self.started,
+                                       started=self.started_at, step=trainer.global_step)
+        except OSError as err:  # the time is a nicety: never fail the run (or its checkpoint) over it
+            rank_zero_info(f"flash-dist: could not write {self.time_file}: {err}")
+            return []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._record(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._record(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
+        this = time.perf_counter() - self.started
+        attempts = self._record(trainer)
         metrics = _read_csv_metrics(trainer)
         if metrics:
             plot_curves(metrics, self.root / "curves.png")
             rank_zero_info(f"flash-dist: wrote {self.root / 'curves.png'}")
         last = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         summary = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(last.items()))
-        rank_zero_info(f"flash-dist: {trainer.global_step} steps in {time.perf_counter() - self.started:.0f} s; {summary}")
+        took = f"{this:.0f} s"
+        if len(attempts) > 1:
+            took = f"{sum(_seconds(a) for a in attempts):.0f} s over {len(attempts)} attempts (this one {this:.0f} s)"
+        rank_zero_info(f"flash-dist: {trainer.global_step} steps in {took}; {summary}")
+
+
+RUN_TIME_FILE = "run_time.json"
+
+
+def _seconds(attempt: dict[str, Any]) -> float:
+    return float(attempt["seconds"])
+
+
+def read_attempt_times(path: Path) -> list[dict[str, Any]]:
+    """The attempts recorded in ``run_time.json`` that have a valid ``seconds`` (``[]`` if the
+    file is missing or unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
+    attempts = data.get("attempts") if isinstance(data, dict) else None
+    if not isinstance(attempts, list):
+        return []
+
+    def valid(a: Any) -> bool:
+        try:
+            return isinstance(a, dict) and math.isfinite(float(a["seconds"])) and float(a["seconds"]) >= 0
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    return [a for a in attempts if valid(a)]
+
+
+def record_attempt_time(path: Path, attempt: str, seconds: float, **info: Any) -> list[dict[str, Any]]:
+    """Set attempt ``attempt``'s training seconds in ``path`` (added, or updated if already there),
+    written atomically (temporary file, then ``os.replace``); returns every recorded attempt."""
+    path = Path(path)
+    attempts = [a for a in read_attempt_times(path) if a.get("attempt") != attempt]
+    attempts.append({"attempt": attempt, "seconds": round(float(seconds), 3), **info})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"attempts": attempts}, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return attempts
 
 
 def _read_csv_metrics(trainer) -> list[dict[str, str]]:
-    import csv
-
+    """Every attempt's CSV rows, merged (:func:`read_run_metrics`); ``[]`` without a CSV logger."""
     for logger in trainer.loggers:
-        path = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
-        if type(logger).__name__ == "CSVLogger" and path.exists():
-            logger.save()
-            with open(path) as f:
-                return list(csv.DictReader(f))
+        if type(logger).__name__ == "CSVLogger":
+            logger.save()  # this attempt's rows not yet flushed
+            return read_run_metrics(Path(logger.root_dir))
     return []
 
 
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of one ``metrics.csv`` that have an integer ``step``, without empty values.
+
+    Missing, empty, truncated or damaged files give what can be read: a last line without its
+    newline (a write cut short) and rows with fewer fields than the header are left out.
+    """
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows: list[dict[str, str]] = []
+    try:
+        for row in csv.DictReader(io.StringIO(text, newline="")):
+            if None in row.values() or None in row:
+                continue  # short or long row: not what the logger wrote
+            try:
+                int(row["step"])
+            except (KeyError, ValueError):
+                continue
+            rows.append({k: v for k, v in row.items() if v != ""})
+    except csv.Error:  # e.g. NUL bytes left by a crash: keep the rows before them
+        pass
+    return rows
+
+
+def read_run_metrics(log_root: Path) -> list[dict[str, str]]:
+    """The whole run's CSV metrics: every ``log_root/version_N/metrics.csv`` (one per attempt) in
+    order of ``N``, merged into one row per step, sorted by step.
+
+    A later attempt's value of a metric at a step replaces an earlier attempt's value of it at
+    that step (steps redone after resuming from an older checkpoint); metrics it did not log at
+    that step are kept. Merging is per metric, not per whole row: Lightning's CSV rows share the
+    ``step`` column with rows that count something else (``ThroughputMonitor``'s ``validate/*``
+    rows carry the number of validation runs), which must not wipe a training step's values.
+    """
+    versions = []
+    for d in Path(log_root).glob("version_*"):
+        m = re.fullmatch(r"version_(\d+)", d.name)
+        if m and d.is_dir():
+            versions.append((int(m.group(1)), d / "metrics.csv"))
+    merged: dict[int, dict[str, str]] = {}
+    for _, path in sorted(versions):
+        for row in _read_csv_rows(path):
+            merged.setdefault(int(row["step"]), {}).update(row)
+    return [{**merged[s], "step": str(s)} for s in sorted(merged)]
+
+
 def plot_curves(rows: list[dict[str, str]], out: Path) -> None:
-    """Loss (train and validation) and tokens/s against steps, from the CSV logger's rows."""
+    """Loss (train and validation) and tokens/s against steps, from CSV logger rows
+    (one attempt's, or the merged run of :func:`read_run_metrics`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def number(text: Any) -> float | None:
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return None
+
     def series(key: str) -> tuple[list[float], list[float]]:
-        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        pts = [(x, y) for r in rows if (x := number(r.get("step"))) is not None and (y := number(r.get(key))) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     tps_key = next((k for k in ("train|device/items_per_sec", "device/items_per_sec", "train/device/items_per_sec")
-                    if rows and k in rows[0]), None)
+                    if any(r.get(k) not in (None, "") for r in rows)), None)
     fig, axes = plt.subplots(1, 2 if tps_key else 1, figsize=(11 if tps_key else 6, 4), squeeze=False)
     ax = axes[0][0]
     for key, label in (("train/loss", "train"), ("val/loss", "validation")):
@@ -180,8 +322,8 @@ def build_strategy(cfg: RunConfig):
     from flash_dist.strategy import FlashStrategy
 
     s = cfg.strategy
-    kwargs: dict[str, Any] = dict(sharding=s.sharding, activation_checkpointing=s.activation_checkpointing,
-                                  context_parallel=s.context_parallel, swap=True)
+    kwargs: dict[str, Any] = {"sharding": s.sharding, "activation_checkpointing": s.activation_checkpointing,
+                              "context_parallel": s.context_parallel, "swap": True}
     if s.sharding == "fsdp":
         kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload)
     if s.sharding == "deepspeed":
