@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append(Job(world, ["--impl", impl, "--cases", cases, *timing], out / "logs" / f"{label}.json", label))
     else:
         tokens = 64 if a.cpu_smoke else a.tokens_per_gpu
-        for cp in (int(x) for x in a.cp.split(",")):
+        for cp in (int(x) for x in a.cp.split(",") if x):
             label = f"cp{cp}"
             jobs.append(Job(cp, ["--impl", "flash_cp", "--cp", str(cp), "--cases", f"{a.size}:{tokens * cp}", *timing],
                             out / "logs" / f"{label}.json", label))
