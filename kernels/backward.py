@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, query_range,
-                     strides3, strides4, visible)
+                     quantize_dropout, strides3, strides4, visible)
 from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
 
 
@@ -67,10 +67,10 @@ def _load_lse_log2(L_ptrs, mask):
 @triton.jit
 def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
                   stride_qm, stride_dom, stride_lm,
-                  offs_n, offs_m0, lo, hi,
+                  offs_n, start_n, offs_m0, lo, hi,
                   seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                   seed, rng_offset, bh, dropout_p, d_ok,
-                  BLOCK_M: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -96,7 +96,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         if DOT_FP32:
             do = do.to(tl.float32)
         if HAS_DROPOUT:
-            keepT = dropout_keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            keepT = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N, True)
             scale_keep = 1.0 / (1.0 - dropout_p)
             pdT = tl.where(keepT, pT * scale_keep, 0.0)
         else:
@@ -190,22 +190,22 @@ def _bwd_kv_kernel(
             slope_log2 = tl.load(ALIBI + b64 * stride_ab + pid_h * stride_ah) * 1.4426950408889634
         bh = pid_b * H + pid_h
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
-                               offs_n, offs_m0, lo, mid_lo,
+                               offs_n, start_n, offs_m0, lo, mid_lo,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                                seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                               BLOCK_M, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
-                               offs_n, offs_m0, mid_lo, mid_hi,
+                               offs_n, start_n, offs_m0, mid_lo, mid_hi,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                                seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, False, HAS_LEFT, HAS_RIGHT,
+                               BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
-                               offs_n, offs_m0, mid_hi, hi,
+                               offs_n, start_n, offs_m0, mid_hi, hi,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                                seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, True, HAS_LEFT, HAS_RIGHT,
+                               BLOCK_M, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
@@ -246,7 +246,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -396,7 +396,7 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     )
     opt = (rng if rng is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
            cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy)
-    scalars = (hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k), softmax_scale * LOG2E, softmax_scale, float(dropout_p),
+    scalars = (hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k), softmax_scale * LOG2E, softmax_scale, quantize_dropout(dropout_p),
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))

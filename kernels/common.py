@@ -119,19 +119,42 @@ def alibi_bias(slope_log2, offs_m, offs_n, shift):
     return -slope_log2 * dist.to(tl.float32)
 
 
-@triton.jit
-def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p):
-    """Keep-mask of element (query offs_m, key offs_n) of head ``bh``: one Philox draw each.
+#: dropout compares 16-bit random draws with a threshold, so p is a multiple of 2**-16
+DROPOUT_LEVELS = 1 << 16
 
-    The counter is (key, query, batch*heads + head, offset), so the forward, the backward and
-    the debug mask regenerate the same bits in any tile shape or orientation; nothing is stored.
+
+def quantize_dropout(p: float) -> float:
+    """``p`` rounded to the nearest multiple of 2**-16: the probability the kernels really drop with."""
+    return round(float(p) * DROPOUT_LEVELS) / DROPOUT_LEVELS
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p,
+                 BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Keep-mask of the tile (queries ``offs_m``, keys ``start_n + arange(BLOCK_N)``) of head ``bh``.
+
+    ``(BLOCK_M, BLOCK_N)``, or ``(BLOCK_N, BLOCK_M)`` with ``TRANSPOSED``. ``start_n`` must be a
+    multiple of 8 (tiles start at multiples of BLOCK_N). One Philox4x32-7 call per query and
+    group of 8 keys gives eight 16-bit draws (four words, two halves each): 1/8 of the
+    generator work of a draw per element. The counter is (key group, query, batch*heads + head,
+    offset), so the forward, the backward and the debug mask regenerate the same bits in any
+    tile shape or orientation; nothing is stored. ``dropout_p`` is a multiple of 2**-16
+    (:func:`quantize_dropout`), so the threshold is exact.
     """
-    c0 = offs_n + offs_m * 0
-    c1 = offs_m + offs_n * 0
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = groups[None, :] + offs_m[:, None] * 0
+    c1 = offs_m[:, None] + groups[None, :] * 0
     c2 = tl.zeros_like(c0) + bh
     c3 = tl.zeros_like(c0) + rng_offset
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return tl.uint_to_uniform_float(r0) >= dropout_p
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 2))
+    halves = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_N))
+    # exact in fp32: draws are integers below 2**16 and p * 2**16 is an integer
+    keep = (halves.to(tl.float32) >= dropout_p * 65536.0).to(tl.int8)
+    if TRANSPOSED:
+        keep = tl.trans(keep)
+    return keep != 0
 
 
 @triton.jit
@@ -147,7 +170,7 @@ def _dropout_mask_kernel(MASK, RNG, stride_mb, stride_mh, stride_mm, H, SEQ_Q, S
     base = MASK + pid_b.to(tl.int64) * stride_mb + pid_h.to(tl.int64) * stride_mh
     for start_n in range(0, SEQ_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
         ptrs = base + offs_m[:, None] * stride_mm + offs_n[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < SEQ_Q) & (offs_n[None, :] < SEQ_K))
 
@@ -164,5 +187,5 @@ def dropout_mask(rng, batch: int, heads: int, seqlen_q: int, seqlen_k: int, drop
     block = 32
     grid = (triton.cdiv(seqlen_q, block), heads, batch)
     _dropout_mask_kernel[grid](mask, rng, mask.stride(0), mask.stride(1), mask.stride(2), heads,
-                               seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+                               seqlen_q, seqlen_k, quantize_dropout(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, strides3,
-                     strides4, visible)
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, quantize_dropout,
+                     strides3, strides4, visible)
 from .tuning import FWD, autotuned, launch, seq_bucket
 
 
@@ -57,7 +57,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             # the normaliser l_i counts dropped entries; 1/(1-p) is applied once at the end
-            keep = dropout_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
         if DOT_FP32:
@@ -213,7 +213,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(out, varlen),
         *strides3(lse, varlen), *alibi_strides(alibi_slopes),
         hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k),
-        softmax_scale * LOG2E, float(dropout_p), int(window[0]), int(window[1]),
+        softmax_scale * LOG2E, quantize_dropout(dropout_p), int(window[0]), int(window[1]),
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d,

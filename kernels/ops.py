@@ -156,7 +156,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             for a KV cache or a chunk of a longer sequence). Same as ``window_size=(left, 0)``.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         dropout_p: probability of dropping an attention weight, in ``[0, 1)``. The kept
-            weights are scaled by ``1 / (1 - dropout_p)``; the mask comes from torch's RNG
+            weights are scaled by ``1 / (1 - dropout_p)``. ``dropout_p`` is rounded to a multiple
+            of 2**-16 (the kernels compare 16-bit random draws). The mask comes from torch's RNG
             (``torch.manual_seed`` reproduces it) and is regenerated, not stored, for the
             backward. Pass 0.0 for evaluation.
         window_size: ``(left, right)``: query ``i`` at key position ``p = i + seqlen_k - seqlen_q``

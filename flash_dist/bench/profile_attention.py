@@ -94,7 +94,8 @@ def summarize(path: str) -> str:
         if name in _COLUMNS:
             col = _COLUMNS[name]
             if col == "time":
-                scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(unit, float("nan"))
+                scale = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0,
+                         "s": 1e3, "second": 1e3}.get(unit, float("nan"))
                 rows[key]["ms"] = float(value.replace(",", "")) * scale
             else:
                 rows[key][col] = value

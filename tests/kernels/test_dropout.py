@@ -45,6 +45,15 @@ def test_keep_rate_and_independence(device):
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
     # a new (seed, offset) gives a new mask
     assert not torch.equal(keep, dropout_mask(draw_rng(device), 2, 4, 256, 256, p))
+    # eight neighbouring keys share one generator call: each lane keeps at the right rate, and
+    # neighbours (same call, or the next call) are uncorrelated
+    lanes = keep.float().reshape(-1, 8).mean(0)
+    sigma_lane = (p * (1 - p) / (n / 8)) ** 0.5
+    assert (lanes - (1 - p)).abs().max().item() < 6 * sigma_lane, f"keep rate per lane {lanes.tolist()}"
+    x = keep.float() - keep.float().mean()
+    for shift in (1, 2, 4, 7, 8):
+        corr = (x[..., :-shift] * x[..., shift:]).mean().item() / x.pow(2).mean().item()
+        assert abs(corr) < 6 / n**0.5, f"keys {shift} apart correlate: {corr:.4f}"
 
 
 def test_public_dropout_is_reproducible_from_torch_seed(device):
