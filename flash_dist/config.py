@@ -301,6 +301,18 @@ def _check(cfg: RunConfig) -> None:
     if s.context_parallel > 1 and s.context_parallel_mode == "ring" and cfg.data.seq_len % (2 * s.context_parallel):
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be divisible by 2 * strategy.context_parallel "
                           f"({2 * s.context_parallel}) for the ring's zigzag split")
+    if s.context_parallel > 1 and s.context_parallel_mode == "ring":
+        m = cfg.model
+        if m.position_embedding == "alibi":
+            raise ConfigError("model.position_embedding=alibi: ring attention (strategy.context_parallel_mode=ring) "
+                              "does not support ALiBi; use position_embedding=learned, or context_parallel_mode=ulysses "
+                              "when model heads divide by strategy.context_parallel")
+        if m.attn_pdrop > 0:
+            raise ConfigError(f"model.attn_pdrop={m.attn_pdrop}: ring attention (strategy.context_parallel_mode=ring) "
+                              "does not support attention dropout; set model.attn_pdrop=0.0 or use context_parallel_mode=ulysses")
+    if s.context_parallel > 1 and cfg.data.packed:
+        raise ConfigError("data.packed=true: context parallelism does not support packed documents; "
+                          "set data.packed=false or strategy.context_parallel=1")
 
 
 # ---------------------------------------------------------------------------- load / save

@@ -114,6 +114,15 @@ def test_required_and_cross_field_checks(recipe):
         assert message in str(err.value), override
     with pytest.raises(ConfigError, match=r"divisible by 2 \* strategy.context_parallel \(6\)"):
         load_config(recipe, ["strategy.context_parallel=3"])
+    # what ring attention cannot do is refused at load time, not at the first step
+    ring = ["strategy.context_parallel=2", "strategy.context_parallel_mode=ring"]
+    for extra, message in {"model.position_embedding=alibi": "model.position_embedding=alibi: ring attention",
+                           "model.attn_pdrop=0.1": "model.attn_pdrop=0.1: ring attention",
+                           "data.packed=true": "data.packed=true: context parallelism"}.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(recipe, [*ring, extra])
+    assert load_config(recipe, ["strategy.context_parallel=2", "strategy.context_parallel_mode=ulysses",
+                                "model.position_embedding=alibi"]).strategy.context_parallel == 2
     # ALiBi has no position table, so no block_size limit
     assert load_config(recipe, ["data.seq_len=512", "model.position_embedding=alibi"]).data.seq_len == 512
 

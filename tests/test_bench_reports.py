@@ -1,0 +1,64 @@
+"""The report side of the multi-GPU and profiling benchmarks: tables computed from measured rows."""
+
+from dataclasses import asdict
+
+from flash_dist.bench.profile_attention import summarize
+from flash_dist.bench.scaling import Case, cp_table, strategies_table
+
+
+def _case(impl, world, step_ms=None, seq=32768, size="small", cp=1, error=None):
+    c = Case(impl, size, seq, world, cp=cp, error=error)
+    if error is None:
+        c.step_ms, c.tokens_per_s_per_gpu, c.mfu, c.peak_gib = step_ms, seq / cp / (step_ms / 1e3), 0.2, 10.0
+        c.step_times_ms = [step_ms * 2, step_ms]
+    return asdict(c)
+
+
+def test_strategies_table_weak_scaling_is_per_gpu_throughput_over_one_gpu():
+    rows = [_case("flash_fsdp", 1, 500.0), _case("flash_fsdp", 4, 625.0), _case("fsdp", 1, 400.0),
+            _case("fsdp", 2, error="OOM")]
+    lines = strategies_table(rows, "header").splitlines()
+    four = next(line for line in lines if "| flash_fsdp | 4 |" in line)
+    assert "| 625 |" in four and four.rstrip().endswith("| 80% |")  # 500 / 625
+    one = next(line for line in lines if "| flash_fsdp | 1 |" in line)
+    assert one.rstrip().endswith("| — |")
+    assert any("| fsdp | 2 | OOM |" in line for line in lines)
+    assert lines[0] == "header"
+
+
+def test_cp_table_compares_throughput_and_mfu_with_cp1_and_lists_probes():
+    base = _case("flash_cp", 1, 100.0, seq=16384)
+    two = _case("flash_cp", 2, 160.0, seq=32768, cp=2)
+    two["mfu"] = 0.19
+    probe = _case("flash_cp", 4, 70_000.0, seq=1 << 20, cp=4)
+    probe["probe"] = True
+    lost = _case("flash_cp", 2, None, seq=1 << 21, cp=2, error="timeout")
+    lost["probe"] = True
+    text = cp_table([base, two, probe, lost], "h")
+    row2 = next(line for line in text.splitlines() if line.startswith("| 2 | 32768 |"))
+    assert "| 62% |" in row2  # (16384 / 0.16) / (16384 / 0.1)
+    assert "| 95% |" in row2  # MFU 0.19 / 0.20
+    assert "| 4 | 1048576 | 262144 | trains | 140.0 |" in text  # the first step's time, in seconds
+    assert "| 2 | 2097152 | 1048576 | timeout |" in text
+
+
+def test_profile_summary_attributes_kernels_to_methods(tmp_path):
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+    def row(i, kernel, metric, unit, value):
+        return f'"{i}","1","python","h","{kernel}","1","7","(128, 1, 1)","(1, 1, 1)","0","9.0","S","{metric}","{unit}","{value}"'
+
+    lines = ["==PROF== Connected to process", header,
+             row(0, "_fwd_kernel", "Duration", "ns", "2,000,000"),
+             row(0, "_fwd_kernel", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", "%", "42.5"),
+             row(1, "_bwd_kv_kernel", "Duration", "ms", "6.00"),
+             row(2, "void pytorch_flash::flash_fwd_kernel<x>", "Duration", "us", "1,500"),
+             row(3, "void at::native::elementwise_kernel", "Duration", "us", "500"),
+             row(4, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "Duration", "ms", "1.0")]
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(lines) + "\n")
+    text = summarize(str(path))
+    assert "| 0 | flash-dist | `_fwd_kernel` | 2.000 | 25% | 42.5 |" in text
+    assert "| 3 | FLASH | `void at::native::elementwise_kernel` | 0.500 | 25% |" in text  # helper joins its method
+    assert "flash-dist 8.00 ms, FLASH 2.00 ms, cuDNN 1.00 ms" in text
