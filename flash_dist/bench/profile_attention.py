@@ -11,7 +11,8 @@ sees exactly one forward and one forward+backward per method, in this order::
     python -m flash_dist.bench.profile_attention --summarize ncu.csv
 
 ``--summarize`` turns the CSV into a markdown table: per kernel its time, share of the
-method's total, tensor-pipe and SM throughput, registers, occupancy and top stall reason.
+method's total, pipe utilisations given with ``--metrics`` (tensor cores, ALU, FMA), SM and memory
+throughput, registers, occupancy, IPC and warp cycles per issued instruction.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> None:
                            generator=gen).requires_grad_() for _ in range(3))
     dout = torch.randn_like(q)
     fns = {m: _method_fn(m, args.causal, args.seqlen) for m in args.methods.split(",")}
+    if args.dropout_p > 0:
+        fns = {f"{m}+dropout": _with_dropout(m, args.causal, args.dropout_p) for m in fns} | fns
 
     def fwd_bwd(fn):
         q.grad = k.grad = v.grad = None
@@ -53,6 +56,22 @@ def run(args: argparse.Namespace) -> None:
     torch.cuda.cudart().cudaProfilerStop()
     print(f"profiled {','.join(fns)}: B={batch} H={heads} S={args.seqlen} D={args.head_dim} bf16 "
           f"causal={args.causal} on {torch.cuda.get_device_name()}", file=sys.stderr)
+
+
+def _with_dropout(method: str, causal: bool, p: float):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if method == "flash_dist":
+        from flash_dist.kernels import flash_attention
+
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, dropout_p=p)
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[method]
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
+    return run
 
 
 # metric name in ncu's details page -> column
@@ -83,6 +102,7 @@ def summarize(path: str) -> str:
     """One markdown row per profiled kernel launch, from ``ncu --csv --page details`` output."""
     rows: dict[str, dict] = {}
     order: list[str] = []
+    pipes: list[str] = []
     with open(path, newline="") as f:
         lines = [line for line in f if line.startswith('"')]  # drop the program's own output
     for rec in csv.DictReader(lines):
@@ -99,8 +119,11 @@ def summarize(path: str) -> str:
                 rows[key]["ms"] = float(value.replace(",", "")) * scale
             else:
                 rows[key][col] = value
-        elif "pipe_tensor" in name:  # from --metrics: tensor-core pipe busy, % of peak
-            rows[key]["tensor %"] = value
+        elif "__pipe_" in name and "cycles_active" in name:  # from --metrics: a pipe's busy share, % of peak
+            pipe = name.split("__pipe_")[1].split("_cycles")[0].replace("tensor_op_hmma", "tensor")
+            rows[key][f"{pipe} %"] = value
+            if pipe not in pipes:
+                pipes.append(pipe)
     owners, last = [], None
     for key in order:
         last = _owner(rows[key]["kernel"]) or last
@@ -109,15 +132,16 @@ def summarize(path: str) -> str:
     totals: dict[str, float] = defaultdict(float)
     for key, owner in zip(order, owners):
         totals[owner] += rows[key].get("ms", 0.0)
-    out = [("| # | method | kernel | ms | share of method | tensor pipe % | SM % | mem % | regs | occupancy % "
-            "| IPC | cycles/issue | threads |"),
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = [f"{p} %" for p in pipes] + ["sm %", "mem %", "regs", "occupancy %", "ipc", "cycles/issue", "threads"]
+    titles = [f"{p} pipe %" for p in pipes] + ["SM %", "mem %", "regs", "occupancy %", "IPC", "cycles/issue",
+                                               "threads"]
+    out = ["| # | method | kernel | ms | share of method | " + " | ".join(titles) + " |",
+           "|" + "---|" * (5 + len(titles))]
     for i, (key, owner) in enumerate(zip(order, owners)):
         r = rows[key]
         share = r.get("ms", 0.0) / totals[owner] if totals[owner] else 0.0
         name = r["kernel"] if len(r["kernel"]) < 50 else r["kernel"][:47] + "..."
-        cells = " | ".join(str(r.get(c, "")) for c in ("tensor %", "sm %", "mem %", "regs", "occupancy %", "ipc",
-                                                      "cycles/issue", "threads"))
+        cells = " | ".join(str(r.get(c, "")) for c in columns)
         out.append(f"| {i} | {owner} | `{name}` | {r.get('ms', float('nan')):.3f} | {share:.0%} | {cells} |")
     out.append("")
     out.append("Per method (one forward + one forward+backward): " + ", ".join(
@@ -136,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     p.add_argument("--methods", default="flash_dist,sdpa_flash,sdpa_cudnn",
                    help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--dropout-p", type=float, default=0.0,
+                   help="also profile each method with this attention dropout (first, before the plain calls)")
     p.add_argument("--summarize", metavar="CSV", help="print the markdown summary of an ncu CSV and exit")
     a = p.parse_args(argv)
     if a.summarize:
