@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, query_range,
-                     quantize_dropout, strides3, strides4, visible)
+                     quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
 
 
@@ -29,12 +29,7 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + pid_b)
-        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
+    q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return
@@ -135,16 +130,8 @@ def _bwd_kv_kernel(
     pid_n = tl.program_id(0)
     pid_hk = tl.program_id(1)
     pid_b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + pid_b)
-        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
-        k_start = tl.load(CU_K + pid_b)
-        seqlen_k = tl.load(CU_K + pid_b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+    q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
@@ -278,16 +265,8 @@ def _bwd_q_kernel(
     pid_b = tl.program_id(2)
     if REVERSE_M:
         pid_m = tl.num_programs(0) - 1 - pid_m
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + pid_b)
-        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
-        k_start = tl.load(CU_K + pid_b)
-        seqlen_k = tl.load(CU_K + pid_b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+    q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return

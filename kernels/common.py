@@ -38,6 +38,19 @@ def alibi_strides(slopes):
 
 
 @triton.jit
+def sequence_bounds(CU, pid_b, SEQ, IS_VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``pid_b``: its slice of a packed batch, or (0, SEQ)."""
+    if IS_VARLEN:
+        start = tl.load(CU + pid_b)
+        length = tl.load(CU + pid_b + 1) - start
+    else:
+        # tensors in both branches; the compiler folds the zero away
+        start = pid_b * 0
+        length = pid_b * 0 + SEQ
+    return start, length
+
+
+@triton.jit
 def key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, quantize_dropout,
-                     strides3, strides4, visible)
+                     sequence_bounds, strides3, strides4, visible)
 from .tuning import FWD, autotuned, launch, seq_bucket
 
 
@@ -93,16 +93,8 @@ def _fwd_kernel(
     if REVERSE_M:
         # causal: the last query blocks have the most keys; start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + pid_b)
-        seqlen_q = tl.load(CU_Q + pid_b + 1) - q_start
-        k_start = tl.load(CU_K + pid_b)
-        seqlen_k = tl.load(CU_K + pid_b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = SEQ_Q
-        k_start = 0
-        seqlen_k = SEQ_K
+    q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return
