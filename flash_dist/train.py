@@ -86,11 +86,16 @@ class GPT2Module(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # matrices decay, biases and norms do not; ZeRO-3 partitions parameters into flat shards and
+        # keeps their true shape in ds_shape
+        def is_matrix(p: torch.Tensor) -> bool:
+            return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if is_matrix(p)], "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0}]
+        # an empty group would be dropped by DeepSpeed and leave the scheduler one group short
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         total = max(self.cfg.trainer.max_steps, 1)
 
         def factor(step: int) -> float:
@@ -328,7 +333,8 @@ def build_strategy(cfg: RunConfig):
         kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload)
     if s.sharding == "deepspeed":
         kwargs.update(deepspeed_stage=s.deepspeed_stage, offload_optimizer=s.offload_optimizer,
-                      offload_parameters=s.offload_parameters)
+                      offload_parameters=s.offload_parameters, context_parallel_mode=s.context_parallel_mode,
+                      zero_init=False)  # GPT2's constructor initialises (and loads HF weights) in place
     return FlashStrategy(**kwargs)
 
 

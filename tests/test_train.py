@@ -41,10 +41,19 @@ def test_tiny_recipe_trains_and_writes_its_run_directory(token_data, tmp_path):
     assert (run / "curves.png").stat().st_size > 10_000
 
 
-def test_context_parallel_loss_curve_equals_single_rank(token_data, tmp_path):
-    steps = ("trainer.max_steps=4", "trainer.val_check_interval=1000")
-    plain = train(tmp_path / "cp1", token_data, "trainer.devices=1", *steps)
-    split = train(tmp_path / "cp2", token_data, "trainer.devices=2", "strategy.context_parallel=2", *steps)
-    assert [s for s, _ in split] == [s for s, _ in plain]
-    for (step, a), (_, b) in zip(split, plain):
+STEPS = ("trainer.max_steps=4", "trainer.val_check_interval=1000")
+
+
+@pytest.fixture(scope="module")
+def single_rank_losses(token_data, tmp_path_factory):
+    return train(tmp_path_factory.mktemp("cp1") / "run", token_data, "trainer.devices=1", *STEPS)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "deepspeed"])
+def test_context_parallel_loss_curve_equals_single_rank(token_data, single_rank_losses, tmp_path, sharding):
+    # fsdp: FSDP2 over the data x context mesh; deepspeed: ZeRO-3 partitioned over all ranks
+    split = train(tmp_path / "cp2", token_data, "trainer.devices=2", "strategy.context_parallel=2",
+                  f"strategy.sharding={sharding}", *STEPS)
+    assert [s for s, _ in split] == [s for s, _ in single_rank_losses]
+    for (step, a), (_, b) in zip(split, single_rank_losses):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} != {b}"

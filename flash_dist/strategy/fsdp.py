@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -85,17 +84,6 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
         if precision == "16-true":
             return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
-
-    def _broadcast_from_rank0(self, module: nn.Module) -> None:
-        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"]
-        with torch.no_grad():
-            for t in tensors:
-                if t.device != self.root_device:
-                    buf = t.data.to(self.root_device)
-                    dist.broadcast(buf, src=0)
-                    t.data.copy_(buf)
-                else:
-                    dist.broadcast(t.data, src=0)
 
     def _apply_fsdp(self, module: nn.Module) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard

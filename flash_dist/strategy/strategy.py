@@ -97,7 +97,7 @@ class FlashStrategy:
             ``"ddp"``, or ``None`` (one device).
         activation_checkpointing: recompute each block's activations in the backward
             (non-reentrant, per block).
-        context_parallel: ranks that split one sequence between them (FSDP only).
+        context_parallel: ranks that split one sequence between them (FSDP or DeepSpeed).
         context_parallel_mode: ``"ring"`` or ``"ulysses"``.
         block_classes: the transformer block class(es), when automatic detection is not wanted.
         swap: swap the model's attention (turn off for a model that calls flash-dist itself).
@@ -174,6 +174,20 @@ class FlashStrategy:
                                "checkpointing")
         rank_zero_info(f"flash-dist: activation checkpointing on {len(blocks)} × {type(blocks[0]).__name__}")
 
+    def _broadcast_from_rank0(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank (all start from the same weights)."""
+        import torch.distributed as dist
+
+        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"]
+        with torch.no_grad():
+            for t in tensors:
+                if t.device != self.root_device:
+                    buf = t.data.to(self.root_device)
+                    dist.broadcast(buf, src=0)
+                    t.data.copy_(buf)
+                else:
+                    dist.broadcast(t.data, src=0)
+
     def _prepare_module(self, module: nn.Module) -> None:
         self._swap_attention(module)
         self._apply_activation_checkpointing(module)
@@ -195,7 +209,7 @@ class FlashSingleDeviceStrategy(FlashStrategy, SingleDeviceStrategy):
     def __init__(self, *, sharding: None = None, activation_checkpointing: bool = False, block_classes=None,
                  swap: bool = True, strict_swap: bool = True, context_parallel: int = 1, **kwargs):
         if context_parallel != 1:
-            raise ValueError("FlashStrategy: context_parallel > 1 needs sharding='fsdp'")
+            raise ValueError("FlashStrategy: context_parallel > 1 needs sharding='fsdp' or sharding='deepspeed'")
         kwargs.setdefault("device", "cuda:0" if torch.cuda.is_available() else "cpu")
         SingleDeviceStrategy.__init__(self, **kwargs)
         self._init_flash(activation_checkpointing=activation_checkpointing, block_classes=block_classes,
@@ -221,7 +235,7 @@ class FlashDDPStrategy(FlashStrategy, DDPStrategy):
     def __init__(self, *, sharding: str = "ddp", activation_checkpointing: bool = False, block_classes=None,
                  swap: bool = True, strict_swap: bool = True, context_parallel: int = 1, **kwargs):
         if context_parallel != 1:
-            raise ValueError("FlashStrategy: context_parallel > 1 needs sharding='fsdp'")
+            raise ValueError("FlashStrategy: context_parallel > 1 needs sharding='fsdp' or sharding='deepspeed'")
         DDPStrategy.__init__(self, **kwargs)
         self._init_flash(activation_checkpointing=activation_checkpointing, block_classes=block_classes,
                          swap=swap, strict_swap=strict_swap)
