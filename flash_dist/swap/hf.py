@@ -13,10 +13,16 @@ Mask convention between the two functions (what the model passes from one to the
   static-cache slots, are never seen). Run as one varlen call over the real tokens.
 * bool ``(B, 1, 1, Sk)``: bidirectional attention with key padding (encoders, cross-attention),
   or any mask for a single query. Also run as a varlen call.
-* anything else (built for sliding windows, packed sequences, chunked or custom patterns, or a
-  4-D mask given by the user): full masks the kernel cannot honour. The attention function
-  raises :class:`AttentionSwapError` naming the module, or with ``strict=False`` warns and
-  computes plain (eager) attention with the mask.
+* anything else (built for packed sequences, chunked or custom patterns, or a 4-D mask given
+  by the user): full masks the kernel cannot honour. The attention function raises
+  :class:`AttentionSwapError` naming the module, or with ``strict=False`` warns and computes
+  plain (eager) attention with the mask.
+
+Sliding windows (Mistral, Qwen2, Gemma...) follow transformers' own FlashAttention contract: the
+mask built for a plain sliding-window causal pattern takes one of the causal forms above, and
+the layer's ``sliding_window`` argument (key ``j`` visible to query ``i`` when
+``i - sliding_window < j <= i``) becomes the kernel's ``window_size=(sliding_window - 1, 0)``.
+A sliding-window mask modified any further (extra mask functions, packing) is a full mask.
 """
 
 from __future__ import annotations
@@ -94,6 +100,10 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     causal = mask_function is causal_mask_function
+    if local_size is not None and kwargs.get("allow_is_causal_skip") is True:
+        # transformers' plain sliding-window causal mask (anything added to it turns the skip
+        # off): the causal form; the window itself comes with the layer's sliding_window
+        causal, local_size = True, None
     wants_full = (kwargs.get("allow_is_causal_skip") is False if causal
                   else kwargs.get("allow_is_bidirectional_skip") is False)
     plain = (causal or mask_function is bidirectional_mask_function) and local_size is None and not wants_full
@@ -164,8 +174,17 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             problem = (f"a boolean attention mask of shape {tuple(mask.shape)} varies per query (sliding window, "
                        "packed sequences, chunked or custom mask patterns, or a 4-D mask passed to the model); "
                        "the kernel supports causal or bidirectional attention with padding")
-    if problem is None and kwargs.get("sliding_window") is not None and k_valid is None:
-        problem = "the model passes a sliding window, which this mask form does not carry"
+    window = (-1, -1)
+    sliding = kwargs.get("sliding_window")
+    if problem is None and sliding is not None:
+        if not causal:
+            # a (B, 1, 1, Sk) mask for one query already carries the window among its keys
+            if not (mask is not None and mask.dim() == 4 and sq == 1):
+                problem = "the model passes a sliding window for non-causal attention"
+        elif isinstance(sliding, int) and sliding > 0:
+            window = (sliding - 1, 0)
+        else:
+            problem = f"sliding_window={sliding!r} is not a positive int"
     if problem is not None:
         info = _info(module)
         if not info.strict and any(kwargs.get(n) is not None for n in _NO_FALLBACK):
@@ -173,7 +192,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         return refuse(info.path, info.strict, f"transformers {type(module).__name__}", problem,
                       lambda: eager_attention(module, query, key, value, attention_mask, dropout, scaling,
                                               causal, kwargs.get("softcap"), kwargs.get("position_bias")))
-    out = attend(q, k, v, causal=causal, scale=scaling, dropout_p=dropout, k_valid=k_valid)
+    out = attend(q, k, v, causal=causal, scale=scaling, dropout_p=dropout, k_valid=k_valid, window_size=window)
     return out.transpose(1, 2), None
 
 

@@ -97,7 +97,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[flo
             ``i`` is a real token: padded queries are dropped and give 0, and causality is
             counted over real tokens only (exactly the masked softmax over real tokens, for left
             and right padding and for a KV cache). Without ``causal`` every query is kept.
-        window_size: only without ``k_valid``; see :func:`flash_dist.flash_attention`.
+        window_size: see :func:`flash_dist.flash_attention`. With ``k_valid`` the window counts
+            real tokens, which equals positions when padding sits at either end of a row.
 
     Returns:
         ``(B, Hq, Sq, D)``; a query that sees no key gives 0.
@@ -105,8 +106,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[flo
     if k_valid is None:
         return flash_attention(q, k, v, causal=causal, softmax_scale=scale, dropout_p=dropout_p,
                                window_size=window_size)
-    if window_size != (-1, -1):
-        raise ValueError("attend: window_size cannot be combined with k_valid")
     batch, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     k_valid = k_valid.to(device=q.device, dtype=torch.bool).expand(batch, sk)
@@ -132,7 +131,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[flo
     if max_q == 0 or max_k == 0:
         return q.new_zeros(q.shape) + 0.0 * q  # nothing to attend: zeros, still in the graph
     out = flash_attention_varlen(qp, kp, vp, cu_q, cu_k, max_q, max_k, causal=causal,
-                                 softmax_scale=scale, dropout_p=dropout_p)
+                                 softmax_scale=scale, dropout_p=dropout_p, window_size=window_size)
     if q_idx is not None:
         out = out.new_zeros(batch * sq, hq, d).index_copy(0, q_idx, out)
     return out.view(batch, sq, hq, d).transpose(1, 2)

@@ -30,6 +30,16 @@ def llama(n_layer: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
+def mistral(n_layer: int = 2, sliding_window: int = 5):
+    """Mistral: GQA and a sliding window shorter than the test sequences."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=n_layer,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                           sliding_window=sliding_window, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MistralForCausalLM(config).eval()
+
+
 def bert(n_layer: int = 2):
     from transformers import BertConfig, BertModel
 

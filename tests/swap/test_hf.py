@@ -1,4 +1,4 @@
-"""Hugging Face transformers models swapped onto the kernel: GPT-2, Llama (GQA), BERT."""
+"""Hugging Face transformers models swapped onto the kernel: GPT-2, Llama (GQA), Mistral (sliding window), BERT."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from flash_dist.swap import AttentionSwapError, hf  # noqa: E402
 from . import models  # noqa: E402
 from .helpers import assert_close, assert_grads_close, assert_state_identical, kernel_calls  # noqa: E402
 
-BUILDERS = {"gpt2": models.gpt2, "llama": models.llama, "bert": models.bert}
+BUILDERS = {"gpt2": models.gpt2, "llama": models.llama, "mistral": models.mistral, "bert": models.bert}
 
 
 def _batch(device, batch=2, seq=12, padding=None, seed=0):
@@ -57,7 +57,7 @@ def test_outputs_and_gradients_match(family, padding, device):
     assert_grads_close(model, ref)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
 def test_generation_with_kv_cache_is_identical(family, device):
     """Prefill (Sq = Sk, left padding) then one-token decode steps (Sq = 1 < Sk) through the cache."""
     torch.manual_seed(1)
