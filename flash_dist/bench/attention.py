@@ -48,22 +48,36 @@ def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_d
     return flops * (3.5 if backward else 1.0)
 
 
-def _method_fn(method: str, causal: bool, seqlen: int):
+def peak_memory_gib(fn) -> float:
+    """GiB that one call of ``fn`` allocates on the GPU beyond what is allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _method_fn(method: str, causal: bool, seqlen: int, **options):
+    """``fn(q, k, v)`` for ``method``; ``options`` (``dropout_p``, ``window_size``, ``enable_gqa``...)
+    go to the attention call (flash_dist, sdpa_*)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if method == "flash_dist":
         from flash_dist.kernels import flash_attention
 
-        return lambda q, k, v: flash_attention(q, k, v, causal=causal)
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, **options)
     if method in ("sdpa_flash", "sdpa_cudnn"):
         backend = SDPBackend.FLASH_ATTENTION if method == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
 
         def run(q, k, v):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **options)
         return run
     if method == "flex":
+        if options:
+            raise ValueError(f"flex: options {sorted(options)} are not supported here")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         # a fresh compile per shape: past dynamo's recompile limit flex falls back to an
@@ -109,13 +123,8 @@ def bench_shape(head_dim: int, seqlen: int, *, causal: bool, dtype=torch.bfloat1
                 fn(q, k, v).backward(dout)
             r.fwd_bwd_ms = do_bench(fwd_bwd, warmup=warmup_ms, rep=rep_ms, return_mode="median",
                                     grad_to_none=[q, k, v])
-            torch.cuda.synchronize()
             q.grad = k.grad = v.grad = None
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fwd_bwd()
-            torch.cuda.synchronize()
-            r.peak_mem_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+            r.peak_mem_gib = peak_memory_gib(fwd_bwd)
             q.grad = k.grad = v.grad = None
             r.fwd_tflops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, False) / r.fwd_ms / 1e9
             r.fwd_bwd_tflops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, True) / r.fwd_bwd_ms / 1e9

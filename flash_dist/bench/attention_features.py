@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from flash_dist.bench.attention import _method_fn, attention_flops, environment
+from flash_dist.bench.attention import _method_fn, attention_flops, environment, peak_memory_gib
 
 SUITES = ("gqa", "dropout", "varlen", "window", "memory")
 SDPA_METHODS = ("sdpa_flash", "sdpa_cudnn")
@@ -165,12 +165,7 @@ class Runner:
                 row.fwd_bwd_tflops = flops(True) / row.fwd_bwd_ms / 1e9
             if memory and self.cuda:
                 _clear(qkv)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fwd_bwd()
-                torch.cuda.synchronize()
-                row.peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+                row.peak_gib = peak_memory_gib(fwd_bwd)
         except torch.OutOfMemoryError:
             row.error = "OOM"
         except Exception as exc:  # noqa: BLE001 (one failure must not hide the other rows)
@@ -207,22 +202,8 @@ def _reason(exc: BaseException, caught) -> str:
     return (text.splitlines() or [""])[0][:160]
 
 
-def _sdpa(method: str, **kwargs) -> Callable:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = SDPBackend.FLASH_ATTENTION if method == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
-
-    def run(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
-    return run
-
-
-def _ours(**kwargs) -> Callable:
-    from flash_dist.kernels import flash_attention
-
-    return lambda q, k, v: flash_attention(q, k, v, causal=True, **kwargs)
+def _causal(method: str, **options) -> Callable:
+    return _method_fn(method, True, 0, **options)
 
 
 def _methods(plan: Plan, *sdpa: str) -> tuple[str, ...]:
@@ -244,9 +225,9 @@ def suite_gqa(r: Runner) -> list[Row]:
                 qkv, dout = r.inputs(f"gqa {d} {s} {hkv}", (b, hq, s, d), (b, hkv, s, d))
                 for m in _methods(p, *SDPA_METHODS):
                     if m == "flash_dist":
-                        call = _ours()
+                        call = _causal("flash_dist")
                     else:
-                        call = _sdpa(m, enable_gqa=True) if hkv < hq else _method_fn(m, True, s)
+                        call = _causal(m, enable_gqa=True) if hkv < hq else _causal(m)
                     rows.append(r.measure(Row("gqa", m, d, s, b, hq, hkv, b * s), call, qkv, dout,
                                           _causal_flops(b, hq, s, d)))
                 del qkv, dout
@@ -267,7 +248,7 @@ def suite_dropout(r: Runner) -> list[Row]:
         qkv, dout = r.inputs(f"dropout {d} {s}", (b, h, s, d), (b, h, s, d))
         for m in _methods(p, "sdpa_flash"):
             for drop in (0.0, p.dropout_p):
-                call = _ours(dropout_p=drop) if m == "flash_dist" else _sdpa(m, dropout_p=drop)
+                call = _causal(m, dropout_p=drop)
                 rows.append(r.measure(Row("dropout", m, d, s, b, h, h, b * s, {"dropout_p": drop}), call, qkv,
                                       dout, _causal_flops(b, h, s, d)))
         del qkv, dout
@@ -318,7 +299,7 @@ def suite_varlen(r: Runner) -> list[Row]:
             qkv, dout = r.inputs(f"varlen {layout} {d} {s}", (b, h, length, d), (b, h, length, d))
             rows.append(r.measure(Row("varlen", "flash_dist", d, length, b, h, h, b * length,
                                       {"S": s, "layout": layout}),
-                                  _ours(), qkv, dout, _causal_flops(b, h, length, d)))
+                                  _causal("flash_dist"), qkv, dout, _causal_flops(b, h, length, d)))
             del qkv, dout
             r.free()
         var, *dense = rows[-3:]
@@ -347,7 +328,7 @@ def suite_window(r: Runner) -> list[Row]:
         b = max(p.tokens // s, 1)
         qkv, dout = r.inputs(f"window {d} {s}", (b, h, s, d), (b, h, s, d))
         for w in (*p.windows, None):
-            call = _ours() if w is None else _ours(window_size=(w, 0))
+            call = _causal("flash_dist") if w is None else _causal("flash_dist", window_size=(w, 0))
             flops = partial(_window_flops, b, h, s, d, w)
             row = r.measure(Row("window", "flash_dist", d, s, b, h, h, b * s, {"window": w}), call, qkv, dout, flops)
             for key, ms in (("fwd ns/token", row.fwd_ms), ("fwd+bwd ns/token", row.fwd_bwd_ms)):
@@ -372,7 +353,7 @@ def suite_memory(r: Runner) -> list[Row]:
     for s in p.memory_seqlens:
         qkv, dout = r.inputs(f"memory {d} {s}", (1, h, s, d), (1, h, s, d))
         for m in _methods(p, *SDPA_METHODS):
-            rows.append(r.measure(Row("memory", m, d, s, 1, h, h, s), _method_fn(m, True, s), qkv, dout,
+            rows.append(r.measure(Row("memory", m, d, s, 1, h, h, s), _causal(m), qkv, dout,
                                   _causal_flops(1, h, s, d), fwd=False, memory=True))
         del qkv, dout
         r.free()

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     dout = torch.randn_like(q)
     fns = {m: _method_fn(m, args.causal, args.seqlen) for m in args.methods.split(",")}
     if args.dropout_p > 0:
-        fns = {f"{m}+dropout": _with_dropout(m, args.causal, args.dropout_p) for m in fns} | fns
+        fns = {f"{m}+dropout": _method_fn(m, args.causal, args.seqlen, dropout_p=args.dropout_p) for m in fns} | fns
 
     def fwd_bwd(fn):
         q.grad = k.grad = v.grad = None
@@ -56,22 +56,6 @@ def run(args: argparse.Namespace) -> None:
     torch.cuda.cudart().cudaProfilerStop()
     print(f"profiled {','.join(fns)}: B={batch} H={heads} S={args.seqlen} D={args.head_dim} bf16 "
           f"causal={args.causal} on {torch.cuda.get_device_name()}", file=sys.stderr)
-
-
-def _with_dropout(method: str, causal: bool, p: float):
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if method == "flash_dist":
-        from flash_dist.kernels import flash_attention
-
-        return lambda q, k, v: flash_attention(q, k, v, causal=causal, dropout_p=p)
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[method]
-
-    def run(q, k, v):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
-    return run
 
 
 # metric name in ncu's details page -> column

@@ -122,12 +122,9 @@ def measure(model, implementation: str, ids: torch.Tensor, *, device: str, autoc
         row.train_ms = timer(train_step)
         if device == "cuda":
             model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            train_step()
-            torch.cuda.synchronize()
-            row.train_peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+            from flash_dist.bench.attention import peak_memory_gib
+
+            row.train_peak_gib = peak_memory_gib(train_step)
         tokens = batch * seqlen
         row.train_tokens_per_s = tokens / row.train_ms * 1e3
         row.infer_tokens_per_s = tokens / row.infer_ms * 1e3

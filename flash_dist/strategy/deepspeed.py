@@ -65,16 +65,9 @@ class FlashDeepSpeedStrategy(FlashStrategy, DeepSpeedStrategy):
         else:
             super().setup_environment()
         self._check_world_size()
-        cp = self.context_parallel
-        if cp > 1:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            if self.world_size % cp:
-                raise ValueError(f"FlashStrategy: context_parallel={cp} must divide the world size {self.world_size}")
-            # as for FSDP: context-parallel ranks adjacent, data-parallel across; ZeRO partitions and
-            # averages over all ranks, which sequence_loss(gradient="mean") accounts for
-            self._cp_mesh = init_device_mesh(self.root_device.type, (self.world_size // cp, cp),
-                                             mesh_dim_names=("data_parallel", "context_parallel"))
+        if self.context_parallel > 1:
+            # ZeRO partitions and averages over all ranks, which sequence_loss(gradient="mean") accounts for
+            self._cp_mesh = self._data_context_mesh()
 
     @property
     def context_parallel_group(self):

@@ -50,15 +50,8 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
         super(ModelParallelStrategy, self).setup_environment()
         self._setup_distributed()
         self._check_world_size()
-        from torch.distributed.device_mesh import init_device_mesh
-
-        cp = self.context_parallel
-        if self.world_size % cp:
-            raise ValueError(f"FlashStrategy: context_parallel={cp} must divide the world size {self.world_size}")
-        # context-parallel ranks adjacent (inside a node), data-parallel across
-        self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size // cp, cp),
-                                             mesh_dim_names=("data_parallel", "context_parallel"))
-        self._data_parallel_size, self._tensor_parallel_size = self.world_size // cp, 1
+        self._device_mesh = self._data_context_mesh()
+        self._data_parallel_size, self._tensor_parallel_size = self.world_size // self.context_parallel, 1
         self.lightning_module._device_mesh = self._device_mesh
 
     @property

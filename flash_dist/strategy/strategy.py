@@ -174,6 +174,17 @@ class FlashStrategy:
                                "checkpointing")
         rank_zero_info(f"flash-dist: activation checkpointing on {len(blocks)} × {type(blocks[0]).__name__}")
 
+    def _data_context_mesh(self):
+        """The ``(data_parallel, context_parallel)`` device mesh: context-parallel ranks adjacent
+        (inside a node), data-parallel across."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        cp = self.context_parallel
+        if self.world_size % cp:
+            raise ValueError(f"FlashStrategy: context_parallel={cp} must divide the world size {self.world_size}")
+        return init_device_mesh(self.root_device.type, (self.world_size // cp, cp),
+                                mesh_dim_names=("data_parallel", "context_parallel"))
+
     def _broadcast_from_rank0(self, module: nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every rank (all start from the same weights)."""
         import torch.distributed as dist
