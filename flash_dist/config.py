@@ -153,6 +153,9 @@ class StrategyConfig:
     """``fsdp`` (FSDP2, per-block), ``deepspeed`` (ZeRO), ``ddp`` (replicated); null: single device."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward instead of keeping its activations."""
+    compile: bool = False
+    """``torch.compile`` each transformer block and the fused output layer + loss (FSDP, DDP, one device,
+    DeepSpeed stages 1-2); fuses the element-wise work; the first steps compile."""
     context_parallel: int = 1
     """Devices that split each sequence between them (1: none)."""
     context_parallel_mode: str = _choice("ring", "ring", "ulysses")
@@ -294,6 +297,9 @@ def _check(cfg: RunConfig) -> None:
     for name in ("offload_optimizer", "offload_parameters"):
         if getattr(s, name) and s.sharding != "deepspeed":
             raise ConfigError(f"strategy.{name}: applies to strategy.sharding=deepspeed, not {s.sharding!r}")
+    if s.compile and s.sharding == "deepspeed" and s.deepspeed_stage == 3:
+        raise ConfigError("strategy.compile=true: works with deepspeed_stage 1 or 2, not 3 (ZeRO-3 gathers parameters "
+                          "in hooks inside each block); use strategy.sharding=fsdp or compile=false")
     if s.offload_parameters and s.deepspeed_stage != 3:
         raise ConfigError("strategy.offload_parameters: needs strategy.deepspeed_stage=3")
     if s.cpu_offload and s.sharding != "fsdp":

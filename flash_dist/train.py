@@ -328,7 +328,7 @@ def build_strategy(cfg: RunConfig):
 
     s = cfg.strategy
     kwargs: dict[str, Any] = {"sharding": s.sharding, "activation_checkpointing": s.activation_checkpointing,
-                              "context_parallel": s.context_parallel, "swap": True}
+                              "context_parallel": s.context_parallel, "compile": s.compile, "swap": True}
     if s.sharding == "fsdp":
         kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload)
     if s.sharding == "deepspeed":

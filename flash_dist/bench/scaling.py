@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-STRATEGY_IMPLS = ("flash_fsdp", "fsdp", "flash_deepspeed_stage_3", "deepspeed_stage_3")
+STRATEGY_IMPLS = ("flash_fsdp", "flash_fsdp_compile", "fsdp", "flash_deepspeed_stage_3", "deepspeed_stage_3")
 DEFAULT_CASES = "small:8192,small:32768,medium:8192,medium:32768"
 
 
@@ -58,6 +58,7 @@ class Case:
     mfu: float | None = None
     peak_gib: float | None = None
     step_times_ms: list = field(default_factory=list)
+    profile: dict | None = None
     error: str | None = None
 
 
@@ -111,15 +112,17 @@ def _cp_module(size: str, seq: int):
     return Module(cfg)
 
 
-def _strategy(impl: str, cp: int, cpu: bool):
+def _strategy(impl: str, cp: int, cpu: bool, options: dict | None = None):
     from flash_dist.strategy import FlashStrategy
 
     backend = {"process_group_backend": "gloo"} if cpu else {}
-    if impl == "flash_fsdp":
-        return FlashStrategy(sharding="fsdp", activation_checkpointing=True, context_parallel=cp, **backend)
+    options = options or {}
+    if impl in ("flash_fsdp", "flash_fsdp_compile"):
+        return FlashStrategy(sharding="fsdp", activation_checkpointing=True, context_parallel=cp,
+                             compile=impl.endswith("_compile"), **options, **backend)
     if impl == "flash_deepspeed_stage_3":
         return FlashStrategy(sharding="deepspeed", deepspeed_stage=3, activation_checkpointing=True,
-                             logging_level=40, **backend)
+                             logging_level=40, **options, **backend)
     if impl == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -132,7 +135,21 @@ def _strategy(impl: str, cp: int, cpu: bool):
     raise ValueError(f"--impl must be one of {STRATEGY_IMPLS}, got {impl!r}")
 
 
-def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float) -> Case:
+def _profile_summary(prof, wall_ms: float) -> dict:
+    """GPU time of one profiled step split into collectives (NCCL kernels) and the rest."""
+    comm = compute = 0.0
+    for e in prof.key_averages():
+        t = e.self_device_time_total / 1e3
+        if "nccl" in e.key.lower():
+            comm += t
+        else:
+            compute += t
+    return {"wall_ms": round(wall_ms, 2), "compute_ms": round(compute, 2), "nccl_ms": round(comm, 2),
+            "not_compute_ms": round(wall_ms - compute, 2)}
+
+
+def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float,
+              options: dict | None = None, profile: bool = False) -> Case:
     import lightning as L
     import torch
     import torch.distributed as dist
@@ -151,7 +168,7 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
 
     class StepTimer(L.Callback):
         def __init__(self):
-            self.times, self.t0 = [], 0.0
+            self.times, self.t0, self.prof, self.profile = [], 0.0, None, None
 
         def _sync(self):
             if not cpu:
@@ -159,20 +176,31 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
 
         def on_train_batch_start(self, *args):
             self._sync()
+            if profile and len(self.times) == warmup + steps:  # one extra, untimed, profiled step
+                from torch.profiler import ProfilerActivity
+                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, *args):
             self._sync()
-            self.times.append((time.perf_counter() - self.t0) * 1e3)
+            ms = (time.perf_counter() - self.t0) * 1e3
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                self.profile, self.prof = _profile_summary(self.prof, ms), None
+                return
+            self.times.append(ms)
             if len(self.times) == warmup and not cpu:
                 torch.cuda.reset_peak_memory_stats()
 
     cp_run = case.impl == "flash_cp"
     module = _cp_module(case.size, case.seq) if cp_run else _hf_module(case.size, case.seq, case.impl, cpu)
-    strategy = _strategy("flash_fsdp" if cp_run else case.impl, case.cp, cpu)
+    strategy = _strategy("flash_fsdp" if cp_run else case.impl, case.cp, cpu,
+                         options if case.impl.startswith("flash") else None)
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu" if cpu else "cuda", devices=case.world, strategy=strategy,
-                        precision="32-true" if cpu else "bf16-mixed", max_steps=warmup + steps, max_epochs=-1,
+                        precision="32-true" if cpu else "bf16-mixed", max_steps=warmup + steps + int(profile),
+                        max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         use_distributed_sampler=not cp_run, callbacks=[timer])
@@ -201,6 +229,8 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
         with torch.device("meta"):
             flops = GPT2(GPT2Config.from_name(case.size, block_size=case.seq)).flops_per_token(case.seq)
         case.mfu = flops * case.tokens_per_s_per_gpu / (peak_tflops * 1e12)
+        if timer.profile:
+            case.profile = timer.profile
     elif not case.error:
         case.error = "failed on another rank"
     del trainer, module, strategy
@@ -220,13 +250,15 @@ def worker(a: argparse.Namespace) -> int:
         case = Case(a.impl, size, int(seq), world, cp=a.cp)
         t0 = time.perf_counter()
         try:
-            _run_case(case, a.warmup, a.steps, a.cpu_smoke, a.peak_tflops)
+            _run_case(case, a.warmup, a.steps, a.cpu_smoke, a.peak_tflops, json.loads(a.strategy_options),
+                      a.profile)
         except Exception as e:  # noqa: BLE001  (one failed case must not lose the others' numbers)
             case.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if rank == 0:
             print(f"[{a.impl} world={world} cp={a.cp}] {size} S={seq}: "
                   + (case.error or f"{case.step_ms:.1f} ms/step, {case.tokens_per_s_per_gpu:,.0f} tok/s/GPU, "
-                     f"MFU {case.mfu:.1%}, peak {case.peak_gib or 0:.1f} GiB")
+                     f"MFU {case.mfu:.1%}, peak {case.peak_gib or 0:.1f} GiB"
+                     + (f", profiled step {case.profile}" if case.profile else ""))
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             out.append(asdict(case))
             Path(a.json).write_text(json.dumps(out, indent=1))
@@ -373,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--steps", type=int, default=4, help="timed steps")
     common.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     common.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (gloo, interpreter)")
+    common.add_argument("--strategy-options", default="{}",
+                        help='JSON of extra FlashStrategy arguments for the flash_* impls, e.g. \'{"reshard_after_forward": false}\'')
+    common.add_argument("--profile", action="store_true",
+                        help="one extra profiled step per case: GPU time in NCCL kernels, in the rest, and the step's wall time")
     s = sub.add_parser("strategies", parents=[common], help="FSDP2 / ZeRO-3, ours vs Lightning's, weak scaling")
     s.add_argument("--worlds", default="1,2,4", help="GPU counts (1 is the weak-scaling baseline)")
     s.add_argument("--impls", default=None,
@@ -402,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     timing = ["--warmup", str(a.warmup), "--steps", str(a.steps), "--peak-tflops", str(a.peak_tflops)]
     timing += ["--cpu-smoke"] if a.cpu_smoke else []
+    timing += ["--strategy-options", a.strategy_options] + (["--profile"] if a.profile else [])
     n_gpus = 4 if a.cpu_smoke else __import__("torch").cuda.device_count()
     jobs: list[Job] = []
     if a.cpu_smoke and a.suite == "cp":

@@ -5,6 +5,11 @@ Both use bf16 autocast over fp32 weights (Lightning's ``bf16-mixed``), batch 1, 
 the same random initial weights (copied from the HF model). Reported: step time
 (``do_bench`` median), tokens/s, MFU (FLOPs from ``GPT2.flops_per_token``, bf16 peak given by
 ``--peak-tflops``) and peak memory; OOM is reported as such.
+
+Implementations (``--impls``): ``flash_dist`` (eager), ``flash_dist_compile`` (each block and the
+fused output layer + loss through ``torch.compile``, as ``FlashStrategy(compile=True)`` does),
+``hf_sdpa`` and ``hf_sdpa_compile`` (the HF model's blocks compiled the same way).
+``--profile SEQ`` prints where the GPU time of one step goes, kernel by kernel, for each impl.
 Run: ``python -m flash_dist.bench.training --seq 1024,4096,16384``.
 """
 
@@ -14,6 +19,8 @@ import argparse
 import json
 
 import torch
+
+IMPLS = ("flash_dist", "flash_dist_compile", "hf_sdpa", "hf_sdpa_compile")
 
 
 def _step_fn(model, ids, *, ours: bool):
@@ -28,7 +35,35 @@ def _step_fn(model, ids, *, ours: bool):
     return step
 
 
-def measure(name: str, build, seq: int, flops_per_token: float, peak_tflops: float) -> dict:
+def _compile(model):
+    from flash_dist.strategy.strategy import compile_module, compile_targets, find_blocks
+
+    for target in compile_targets(model, find_blocks(model)):
+        compile_module(target)
+    return model
+
+
+def profile_step(name: str, step, rows: int = 25) -> None:
+    """One profiled step after warm-up: the kernels that took the GPU's time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: -e.self_device_time_total)
+    print(f"--- {name}: {total / 1e3:.1f} ms of GPU time in one step", flush=True)
+    for e in events[:rows]:
+        print(f"{e.self_device_time_total / 1e3:8.2f} ms {100 * e.self_device_time_total / total:5.1f}% "
+              f"{e.count:5d}x  {e.key[:110]}", flush=True)
+
+
+def measure(name: str, build, seq: int, flops_per_token: float, peak_tflops: float,
+            profile: bool = False) -> dict:
     from triton.testing import do_bench
 
     torch.cuda.empty_cache()
@@ -40,12 +75,19 @@ def measure(name: str, build, seq: int, flops_per_token: float, peak_tflops: flo
         step = _step_fn(model, ids, ours=ours)
         step()
         torch.cuda.synchronize()
+        if profile:
+            profile_step(f"{name} seq {seq}", step)
         torch.cuda.reset_peak_memory_stats()
         ms = do_bench(step, warmup=200, rep=1000, return_mode="median")
         row.update(step_ms=ms, tokens_per_s=seq / ms * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    mfu=flops_per_token * seq / (ms * 1e-3) / (peak_tflops * 1e12))
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
+    except Exception as e:  # one failing impl must not lose the rest of the table
+        import traceback
+
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {e}"[:200]
     finally:
         model = step = None  # noqa: F841
         torch.cuda.empty_cache()
@@ -56,7 +98,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", default="1024,4096,16384,32768,65536")
     p.add_argument("--size", default="small")
-    p.add_argument("--impls", default="flash_dist,hf_sdpa")
+    p.add_argument("--impls", default="flash_dist,flash_dist_compile,hf_sdpa",
+                   help="comma-separated: flash_dist, flash_dist_compile, hf_sdpa, hf_sdpa_compile")
+    p.add_argument("--profile", default="", help="comma-separated context lengths to profile (kernel table per impl)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the card (H100/H200 SXM: 989)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -68,21 +112,25 @@ def main(argv=None) -> None:
     rows = []
     for seq in [int(s) for s in args.seq.split(",")]:
         cfg = GPT2Config.from_name(args.size, block_size=seq)
-        hf_cfg = HFConfig(**{**cfg.to_hf_config(), "n_positions": seq}, attn_implementation="sdpa")
+        hf_cfg = HFConfig(**{**cfg.to_hf_config(), "n_positions": seq}, attn_implementation="sdpa", use_cache=False)
         torch.manual_seed(0)
         flops = GPT2(GPT2Config.from_name(args.size, block_size=seq)).flops_per_token(seq)
 
-        def build_hf():
-            return GPT2LMHeadModel(hf_cfg).cuda(), False
-
-        def build_ours():
+        def build(impl):
             hf = GPT2LMHeadModel(hf_cfg)
-            return GPT2.from_hf(hf).cuda(), True
+            ours = impl.startswith("flash_dist")
+            model = (GPT2.from_hf(hf) if ours else hf).cuda()
+            if impl.endswith("_compile"):
+                model = _compile(model)
+            return model, ours
 
+        profile = str(seq) in args.profile.split(",")
         for impl in args.impls.split(","):
-            rows.append(measure(impl, build_ours if impl == "flash_dist" else build_hf, seq, flops, args.peak_tflops))
+            if impl not in IMPLS:
+                p.error(f"--impls: unknown {impl!r}; choose from {', '.join(IMPLS)}")
+            rows.append(measure(impl, lambda: build(impl), seq, flops, args.peak_tflops, profile=profile))
             r = rows[-1]
-            print(f"{r['impl']:11s} seq {seq:6d}: " + (r["error"] if "error" in r else
+            print(f"{r['impl']:18s} seq {seq:6d}: " + (r["error"] if "error" in r else
                   f"{r['step_ms']:8.2f} ms  {r['tokens_per_s'] / 1e3:7.1f}k tok/s  MFU {r['mfu']:.3f}  "
                   f"peak {r['peak_gib']:6.2f} GiB"), flush=True)
     if args.json:

@@ -246,6 +246,10 @@ class LMHead(nn.Linear):
     have the weight in place when the fused loss reads it.
     """
 
+    #: ``FlashStrategy(compile=True)`` compiles this forward too: the loss's element-wise passes
+    #: over each chunk of logits (softmax, gradient) fuse into a few kernels
+    flash_dist_compile = True
+
     def __init__(self, n_embd: int, vocab_size: int, *, chunk_size: int = 1024) -> None:
         super().__init__(n_embd, vocab_size, bias=False)
         self.chunk_size = chunk_size

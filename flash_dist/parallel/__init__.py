@@ -38,6 +38,7 @@ from __future__ import annotations
 import weakref
 from typing import Literal
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -81,6 +82,9 @@ class _ContextParallelAttend:
         self._module = weakref.ref(module)
         self.group, self.mode, self.layout = group, mode, layout
 
+    # runs eagerly inside compiled blocks (FlashStrategy(compile=True)): the exchanges between
+    # ranks and their overlap with the kernels are scheduled here, not by the compiler
+    @torch.compiler.disable
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes: Tensor | None = None,
                  cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
         if cu_seqlens is not None:

@@ -42,17 +42,21 @@ class FlashDeepSpeedStrategy(FlashStrategy, DeepSpeedStrategy):
     def __init__(self, *, sharding: str = "deepspeed", deepspeed_stage: int = 3, deepspeed_offload: bool = False, deepspeed_config=None,
                  activation_checkpointing: bool = False, block_classes=None, swap: bool = True,
                  strict_swap: bool = True, context_parallel: int = 1, context_parallel_mode: str = "ring",
-                 zero_init: bool = True, **kwargs) -> None:
+                 zero_init: bool = True, compile: bool = False, **kwargs) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ImportError(f"FlashStrategy(sharding='deepspeed'): {INSTALL_HINT}")
         if deepspeed_stage not in (1, 2, 3):
             raise ValueError(f"FlashStrategy: deepspeed_stage must be 1, 2 or 3, got {deepspeed_stage!r}")
+        if compile and deepspeed_stage == 3:
+            # ZeRO-3 gathers each parameter in hooks on every submodule, inside the compiled forward
+            raise ValueError("FlashStrategy: compile=True works with deepspeed_stage 1 or 2, not 3 (ZeRO-3 gathers "
+                             "parameters in hooks inside each block); use sharding='fsdp' to compile sharded blocks")
         kwargs.setdefault("offload_optimizer", deepspeed_offload)
         kwargs.setdefault("offload_parameters", deepspeed_offload and deepspeed_stage == 3)
         DeepSpeedStrategy.__init__(self, stage=deepspeed_stage, config=deepspeed_config, **kwargs)
         self._init_flash(activation_checkpointing=activation_checkpointing, block_classes=block_classes,
                          swap=swap, strict_swap=strict_swap, context_parallel=context_parallel,
-                         context_parallel_mode=context_parallel_mode)
+                         context_parallel_mode=context_parallel_mode, compile=compile)
         self._cp_mesh = None
         self.zero_init = zero_init
 
@@ -104,10 +108,6 @@ class FlashDeepSpeedStrategy(FlashStrategy, DeepSpeedStrategy):
         if not self.zero_init:
             self._broadcast_from_rank0(self.lightning_module)
         self._prepare_module(self.lightning_module)
-        if self.context_parallel > 1:
-            from flash_dist.parallel import context_parallel
-
-            context_parallel(self.lightning_module, self.context_parallel_group, mode=self.context_parallel_mode)
         super().setup(trainer)
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:

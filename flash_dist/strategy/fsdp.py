@@ -32,7 +32,8 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
 
     def __init__(self, *, sharding: str = "fsdp", activation_checkpointing: bool = False, cpu_offload: bool = False,
                  context_parallel: int = 1, context_parallel_mode: str = "ring", block_classes=None,
-                 swap: bool = True, strict_swap: bool = True, reshard_after_forward: bool = True,
+                 swap: bool = True, strict_swap: bool = True, compile: bool = False,
+                 reshard_after_forward: bool = True,
                  save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
         ModelParallelStrategy.__init__(self, data_parallel_size="auto", tensor_parallel_size=1,
@@ -40,7 +41,7 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
                                        process_group_backend=process_group_backend, timeout=timeout)
         self._init_flash(activation_checkpointing=activation_checkpointing, context_parallel=context_parallel,
                          context_parallel_mode=context_parallel_mode, block_classes=block_classes, swap=swap,
-                         strict_swap=strict_swap)
+                         strict_swap=strict_swap, compile=compile)
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
 
@@ -118,10 +119,6 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
                             "with the older FullyShardedDataParallel")
         module = self.lightning_module
         self._prepare_module(module)
-        if self.context_parallel > 1:
-            from flash_dist.parallel import context_parallel
-
-            context_parallel(module, self.context_parallel_group, mode=self.context_parallel_mode)
         self._apply_fsdp(module)
         _compat.materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)

@@ -6,10 +6,12 @@ wrapping:
 
 1. swaps attention (:func:`flash_dist.swap_attention`) and logs the report on rank 0;
 2. applies activation checkpointing to each transformer block (optional);
-3. shards (FSDP2 per block, DeepSpeed ZeRO, DDP) or leaves the model on one device.
+3. routes attention through context parallelism (optional);
+4. compiles each transformer block with ``torch.compile`` (optional);
+5. shards (FSDP2 per block, DeepSpeed ZeRO, DDP) or leaves the model on one device.
 
 The model code stays single-device; everything here is applied from outside, as torchtitan's
-``parallelize`` does (checkpointing, then sharding).
+``parallelize`` does (checkpointing, then compiling, then sharding).
 """
 
 from __future__ import annotations
@@ -83,6 +85,36 @@ def checkpoint_block(block: nn.Module) -> None:
         block.forward = CheckpointedForward(block.forward)
 
 
+class CompiledForward:
+    """A module's ``forward`` run through ``torch.compile``, set as the instance ``forward``.
+
+    Only the forward is compiled, not ``Module.__call__``: FSDP2's and DeepSpeed's hooks run
+    eagerly around it, and parameter names and ``state_dict`` keys stay as they were (no
+    ``_orig_mod`` prefix). Every block shares one compiled graph: Dynamo treats the module's
+    parameters as inputs, not constants.
+    """
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.compiled = torch.compile(forward)
+
+    def __call__(self, *args, **kwargs):
+        return self.compiled(*args, **kwargs)
+
+
+def compile_module(module: nn.Module) -> None:
+    """Compile ``module``'s forward in place (after activation checkpointing, before sharding)."""
+    if not isinstance(module.forward, CompiledForward):
+        module.forward = CompiledForward(module.forward)
+
+
+def compile_targets(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """What ``compile=True`` compiles: the blocks, plus modules that ask for it with a
+    ``flash_dist_compile = True`` class attribute (GPT-2's fused output layer + loss)."""
+    marked = [m for m in model.modules() if getattr(type(m), "flash_dist_compile", False)]
+    return blocks + [m for m in marked if all(m is not b for b in blocks)]
+
+
 class FlashStrategy:
     """The flash-dist Lightning strategy: swapped attention plus the chosen sharding.
 
@@ -97,6 +129,10 @@ class FlashStrategy:
             ``"ddp"``, or ``None`` (one device).
         activation_checkpointing: recompute each block's activations in the backward
             (non-reentrant, per block).
+        compile: compile each transformer block's forward with ``torch.compile`` (after
+            checkpointing, before sharding), fusing the element-wise work around the matrix
+            products and the attention kernel; the first steps take longer while it compiles.
+            FSDP, DDP, one device, and DeepSpeed stages 1 and 2.
         context_parallel: ranks that split one sequence between them (FSDP or DeepSpeed).
         context_parallel_mode: ``"ring"`` or ``"ulysses"``.
         block_classes: the transformer block class(es), when automatic detection is not wanted.
@@ -127,13 +163,16 @@ class FlashStrategy:
 
     def _init_flash(self, *, activation_checkpointing: bool = False, context_parallel: int = 1,
                     context_parallel_mode: str = "ring", block_classes=None, swap: bool = True,
-                    strict_swap: bool = True) -> None:
+                    strict_swap: bool = True, compile: bool = False) -> None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"FlashStrategy: compile must be True or False, got {compile!r}")
         if not isinstance(context_parallel, int) or context_parallel < 1:
             raise ValueError(f"FlashStrategy: context_parallel must be an int >= 1, got {context_parallel!r}")
         if context_parallel_mode not in CP_MODES:
             raise ValueError(f"FlashStrategy: context_parallel_mode must be one of {CP_MODES}, "
                              f"got {context_parallel_mode!r}")
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.compile = compile
         self.context_parallel = context_parallel
         self.context_parallel_mode = context_parallel_mode
         self.block_classes = block_classes
@@ -174,6 +213,15 @@ class FlashStrategy:
                                "checkpointing")
         rank_zero_info(f"flash-dist: activation checkpointing on {len(blocks)} × {type(blocks[0]).__name__}")
 
+    def _apply_compile(self, module: nn.Module) -> None:
+        if not self.compile:
+            return
+        targets = compile_targets(module, self._blocks(module))
+        for target in targets:
+            compile_module(target)
+        rank_zero_info(f"flash-dist: torch.compile on {len(targets)} module(s) "
+                       f"({', '.join(sorted({type(t).__name__ for t in targets}))})")
+
     def _data_context_mesh(self):
         """The ``(data_parallel, context_parallel)`` device mesh: context-parallel ranks adjacent
         (inside a node), data-parallel across."""
@@ -200,8 +248,14 @@ class FlashStrategy:
                     dist.broadcast(t.data, src=0)
 
     def _prepare_module(self, module: nn.Module) -> None:
+        """Swap, checkpoint, route through context parallelism, compile: everything before sharding."""
         self._swap_attention(module)
         self._apply_activation_checkpointing(module)
+        if self.context_parallel > 1:
+            from flash_dist.parallel import context_parallel
+
+            context_parallel(module, self.context_parallel_group, mode=self.context_parallel_mode)
+        self._apply_compile(module)
 
     def _check_world_size(self) -> None:
         """The cluster's world size must be devices × num_nodes, as the Trainer was told."""
@@ -218,13 +272,14 @@ class FlashSingleDeviceStrategy(FlashStrategy, SingleDeviceStrategy):
     """Swapped attention on one device, no sharding."""
 
     def __init__(self, *, sharding: None = None, activation_checkpointing: bool = False, block_classes=None,
-                 swap: bool = True, strict_swap: bool = True, context_parallel: int = 1, **kwargs):
+                 swap: bool = True, strict_swap: bool = True, context_parallel: int = 1, compile: bool = False,
+                 **kwargs):
         if context_parallel != 1:
             raise ValueError("FlashStrategy: context_parallel > 1 needs sharding='fsdp' or sharding='deepspeed'")
         kwargs.setdefault("device", "cuda:0" if torch.cuda.is_available() else "cpu")
         SingleDeviceStrategy.__init__(self, **kwargs)
         self._init_flash(activation_checkpointing=activation_checkpointing, block_classes=block_classes,
-                         swap=swap, strict_swap=strict_swap)
+                         swap=swap, strict_swap=strict_swap, compile=compile)
         self.parallel_devices = None  # the Trainer fills this in with the device it chose
 
     @property
@@ -244,12 +299,13 @@ class FlashDDPStrategy(FlashStrategy, DDPStrategy):
     strategy_name = "flash_ddp"
 
     def __init__(self, *, sharding: str = "ddp", activation_checkpointing: bool = False, block_classes=None,
-                 swap: bool = True, strict_swap: bool = True, context_parallel: int = 1, **kwargs):
+                 swap: bool = True, strict_swap: bool = True, context_parallel: int = 1, compile: bool = False,
+                 **kwargs):
         if context_parallel != 1:
             raise ValueError("FlashStrategy: context_parallel > 1 needs sharding='fsdp' or sharding='deepspeed'")
         DDPStrategy.__init__(self, **kwargs)
         self._init_flash(activation_checkpointing=activation_checkpointing, block_classes=block_classes,
-                         swap=swap, strict_swap=strict_swap)
+                         swap=swap, strict_swap=strict_swap, compile=compile)
 
     def setup_environment(self) -> None:
         super().setup_environment()

@@ -98,6 +98,7 @@ def main():
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="FlashStrategy(compile=True)")
     args = p.parse_args()
 
     L.seed_everything(0, workers=True)
@@ -107,9 +108,10 @@ def main():
     strategy = "auto"
     if args.strategy != "none":
         strategy = args.strategy
-        if args.activation_checkpointing:
+        if args.activation_checkpointing or args.compile:
             kind = {"flash_fsdp": "fsdp", "flash_ddp": "ddp"}[args.strategy]
-            strategy = flash_dist.FlashStrategy(sharding=kind, activation_checkpointing=True)
+            strategy = flash_dist.FlashStrategy(sharding=kind, activation_checkpointing=args.activation_checkpointing,
+                                                compile=args.compile)
     callbacks = []
     if args.ckpt_dir:
         # at the end of every second epoch (= step): a resume then starts the next epoch's data
