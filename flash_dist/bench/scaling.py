@@ -178,7 +178,7 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
             self._sync()
             if profile and len(self.times) == warmup + steps:  # one extra, untimed, profiled step
                 from torch.profiler import ProfilerActivity
-                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CUDA])
                 self.prof.__enter__()
             self.t0 = time.perf_counter()
 
