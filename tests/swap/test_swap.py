@@ -172,7 +172,7 @@ def test_mixed_model_report_and_restore(device):
     assert "forward" not in model["block"].attn.__dict__
 
 
-def test_native_modules_are_reported_not_touched():
+def test_native_modules_are_reported_not_touched(device):
     import torch
     from torch import nn
 
@@ -189,9 +189,9 @@ def test_native_modules_are_reported_not_touched():
             q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).unbind(2)
             return flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
 
-    model = nn.Sequential(NativeAttention(), nn.Linear(16, 16))
+    model = nn.Sequential(NativeAttention(), nn.Linear(16, 16)).to(device)
     forward_before = model[0].forward
     report = swap_attention(model, strict=True)  # found, so strict does not raise
     assert [(r.path, r.how) for r in report] == [("0", "calls flash_dist.flash_attention natively")]
     assert model[0].forward == forward_before and type(model[0]) is NativeAttention
-    assert torch.isfinite(model[0](torch.randn(1, 5, 16))).all()
+    assert torch.isfinite(model[0](torch.randn(1, 5, 16, device=device))).all()
