@@ -330,7 +330,8 @@ def build_strategy(cfg: RunConfig):
     kwargs: dict[str, Any] = {"sharding": s.sharding, "activation_checkpointing": s.activation_checkpointing,
                               "context_parallel": s.context_parallel, "compile": s.compile, "swap": True}
     if s.sharding == "fsdp":
-        kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload)
+        kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload,
+                      reshard_after_forward=s.reshard_after_forward)
     if s.sharding == "deepspeed":
         kwargs.update(deepspeed_stage=s.deepspeed_stage, offload_optimizer=s.offload_optimizer,
                       offload_parameters=s.offload_parameters, context_parallel_mode=s.context_parallel_mode,

@@ -102,6 +102,7 @@ def test_required_and_cross_field_checks(recipe):
         "data.seq_len=512": "data.seq_len (512) exceeds model.block_size (256)",
         "strategy.offload_optimizer=true": "strategy.offload_optimizer: applies to strategy.sharding=deepspeed, not None",
         "strategy.cpu_offload=true": "strategy.cpu_offload: applies to strategy.sharding=fsdp",
+        "strategy.reshard_after_forward=false": "strategy.reshard_after_forward: applies to strategy.sharding=fsdp",
         "strategy.deepspeed_stage=4": "strategy.deepspeed_stage: 4 is not allowed; allowed: 1, 2, 3",
         "optim.min_lr=1": "need 0 <= min_lr <= lr",
         "data.batch_size=0": "data.batch_size: must be an integer >= 1",
@@ -123,6 +124,10 @@ def test_required_and_cross_field_checks(recipe):
             load_config(recipe, [*ring, extra])
     assert load_config(recipe, ["strategy.context_parallel=2", "strategy.context_parallel_mode=ulysses",
                                 "model.position_embedding=alibi"]).strategy.context_parallel == 2
+    with pytest.raises(ConfigError, match="strategy.compile=true: works with deepspeed_stage 1 or 2, not 3"):
+        load_config(recipe, ["strategy.sharding=deepspeed", "strategy.deepspeed_stage=3", "strategy.compile=true"])
+    assert load_config(recipe, ["strategy.sharding=deepspeed", "strategy.deepspeed_stage=2",
+                                "strategy.compile=true"]).strategy.compile
     # ALiBi has no position table, so no block_size limit
     assert load_config(recipe, ["data.seq_len=512", "model.position_embedding=alibi"]).data.seq_len == 512
 
@@ -149,7 +154,7 @@ def test_every_field_has_a_docstring():
 def test_strategy_section_fields():
     names = {f.name for f in dataclasses.fields(config_module.StrategyConfig)}
     assert {"sharding", "activation_checkpointing", "context_parallel", "context_parallel_mode", "deepspeed_stage",
-            "offload_optimizer", "offload_parameters", "cpu_offload"} <= names
+            "offload_optimizer", "offload_parameters", "cpu_offload", "reshard_after_forward", "compile"} <= names
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

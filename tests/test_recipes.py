@@ -24,6 +24,9 @@ def test_recipe_builds(recipe):
     strategy = build_strategy(cfg)
     assert isinstance(strategy, FlashStrategy)
     assert getattr(strategy, "context_parallel", 1) == cfg.strategy.context_parallel
+    assert strategy.compile == cfg.strategy.compile
+    if cfg.strategy.sharding == "fsdp":
+        assert strategy.reshard_after_forward == cfg.strategy.reshard_after_forward
     module = GPT2Module(cfg)
     with torch.device("meta"):
         module.configure_model()

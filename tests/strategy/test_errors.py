@@ -36,6 +36,8 @@ def test_flash_strategy_dispatches_on_sharding():
     ({"sharding": "fsdp", "context_parallel_mode": "tree"}, "context_parallel_mode must be one of"),
     ({"sharding": "ddp", "context_parallel": 2}, "needs sharding='fsdp'"),
     ({"sharding": "deepspeed", "deepspeed_stage": 4}, "deepspeed_stage must be 1, 2 or 3"),
+    ({"sharding": "deepspeed", "deepspeed_stage": 3, "compile": True}, "compile=True works with deepspeed_stage 1 or 2"),
+    ({"sharding": "fsdp", "compile": "yes"}, "compile must be True or False, got 'yes'"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -97,3 +99,18 @@ def test_activation_checkpointing_keeps_names_and_values():
     net(x).square().sum().backward()
     for g, w in zip((p.grad for p in net.parameters()), want):
         assert torch.allclose(g, w)
+
+
+def test_compile_targets_blocks_and_marked_modules_keeping_names():
+    from flash_dist.models.gpt2 import GPT2, Block, GPT2Config, LMHead
+    from flash_dist.strategy.strategy import CompiledForward, compile_module, compile_targets, find_blocks
+
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, block_size=16))
+    targets = compile_targets(model, find_blocks(model))
+    assert [type(t) for t in targets] == [Block, Block, LMHead]
+    keys = list(model.state_dict())
+    for target in targets:
+        compile_module(target)
+        compile_module(target)  # idempotent
+        assert isinstance(target.forward, CompiledForward) and not isinstance(target.forward.forward, CompiledForward)
+    assert list(model.state_dict()) == keys  # no _orig_mod prefixes
