@@ -365,9 +365,9 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks=()) -> L.Trainer:
         callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", every_n_train_steps=t.ckpt_every_n_steps,
                                          save_top_k=2, monitor="step", mode="max", save_last="link"))
     try:
-        from lightning.pytorch.callbacks import RichProgressBar
+        from flash_dist.strategy._compat import rich_progress_bar
 
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(rich_progress_bar(leave=True))
     except (ImportError, ModuleNotFoundError):
         pass
     from flash_dist.slurm import RequeueOnSignal

@@ -72,3 +72,24 @@ def optimizers_to_device(optimizers, device: torch.device) -> None:
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
     _optimizers_to_device(optimizers, device)
+
+
+# --- Lightning's Rich progress bar ------------------------------------------------------------------
+
+
+def rich_progress_bar(**kwargs):
+    """Lightning's ``RichProgressBar``, labelled ``Epoch N`` in runs bounded by steps.
+
+    Lightning labels the bar ``Epoch N/{max_epochs - 1}``, which reads ``Epoch 0/-2`` when
+    ``max_epochs=-1`` (``flash-dist train`` counts steps, not epochs).
+    """
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepRunProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+                return super()._get_train_description(current_epoch)
+            # padded like Lightning's, so the bar does not shift when validation starts
+            return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+    return StepRunProgressBar(**kwargs)

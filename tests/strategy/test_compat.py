@@ -61,3 +61,14 @@ def test_deepspeed_cpu_overrides_find_what_they_call():
         assert callable(getattr(DeepSpeedStrategy, name)), name
     assert list(inspect.signature(DeepSpeedStrategy._setup_model_and_optimizer).parameters)[1:4] == [
         "model", "optimizer", "lr_scheduler"]
+
+
+def test_rich_progress_bar_label():
+    pytest.importorskip("rich")
+    from types import SimpleNamespace
+
+    bar = _compat.rich_progress_bar(leave=True)
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # what Trainer.fit sets before calling the hooks
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
