@@ -62,10 +62,11 @@ def test_fsdp_activation_checkpointing_and_clipping(tmp_path):
     assert abs(plain["losses"][-1][1] - ref["losses"][-1][1]) > 1e-5
 
 
-def test_fsdp_activation_checkpointing_and_compile(reference, tmp_path):
+@pytest.mark.parametrize("strategy,extra", [("flash_fsdp", ["--activation-checkpointing"]), ("flash_ddp", []),
+                                            ("flash_deepspeed_stage_2", [])])
+def test_compile(strategy, extra, reference, tmp_path):
     """torchtitan's order (checkpoint, compile, shard): the compiled blocks give the eager loss curve."""
-    got = run(tmp_path, "fsdp_ac_compile", "--strategy", "flash_fsdp", "--activation-checkpointing", "--compile",
-              "--steps", str(STEPS))
+    got = run(tmp_path, f"{strategy}_compile", "--strategy", strategy, *extra, "--compile", "--steps", str(STEPS))
     assert got["world"] == 2
     # the compiled graph calls the kernel's custom op: at least once per layer and step (the
     # recomputation may or may not call it again, as the compiler's partitioner decides)

@@ -109,9 +109,10 @@ def main():
     if args.strategy != "none":
         strategy = args.strategy
         if args.activation_checkpointing or args.compile:
-            kind = {"flash_fsdp": "fsdp", "flash_ddp": "ddp"}[args.strategy]
+            kind, extra = {"flash_fsdp": ("fsdp", {}), "flash_ddp": ("ddp", {}),
+                           "flash_deepspeed_stage_2": ("deepspeed", {"deepspeed_stage": 2})}[args.strategy]
             strategy = flash_dist.FlashStrategy(sharding=kind, activation_checkpointing=args.activation_checkpointing,
-                                                compile=args.compile)
+                                                compile=args.compile, **extra)
     callbacks = []
     if args.ckpt_dir:
         # at the end of every second epoch (= step): a resume then starts the next epoch's data
