@@ -49,11 +49,13 @@ def single_rank_losses(token_data, tmp_path_factory):
     return train(tmp_path_factory.mktemp("cp1") / "run", token_data, "trainer.devices=1", *STEPS)
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "deepspeed"])
-def test_context_parallel_loss_curve_equals_single_rank(token_data, single_rank_losses, tmp_path, sharding):
-    # fsdp: FSDP2 over the data x context mesh; deepspeed: ZeRO-3 partitioned over all ranks
+@pytest.mark.parametrize("sharding,extra", [("fsdp", ()), ("deepspeed", ()), ("fsdp", ("strategy.compile=true",))],
+                         ids=["fsdp", "deepspeed", "fsdp-compile"])
+def test_context_parallel_loss_curve_equals_single_rank(token_data, single_rank_losses, tmp_path, sharding, extra):
+    # fsdp: FSDP2 over the data x context mesh; deepspeed: ZeRO-3 partitioned over all ranks;
+    # compile: compiled blocks around the eager ring attention
     split = train(tmp_path / "cp2", token_data, "trainer.devices=2", "strategy.context_parallel=2",
-                  f"strategy.sharding={sharding}", *STEPS)
+                  f"strategy.sharding={sharding}", *extra, *STEPS)
     assert [s for s, _ in split] == [s for s, _ in single_rank_losses]
     for (step, a), (_, b) in zip(split, single_rank_losses):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} != {b}"
