@@ -195,7 +195,7 @@ class FlashStrategy:
         if not blocks:
             raise ValueError(
                 f"{type(self).__name__}: found no repeated transformer block in {type(module).__name__} to "
-                "checkpoint or shard; pass block_classes=[YourBlock]")
+                "checkpoint, compile or shard; pass block_classes=[YourBlock]")
         return blocks
 
     def _apply_activation_checkpointing(self, module: nn.Module) -> None:
