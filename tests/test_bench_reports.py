@@ -62,3 +62,17 @@ def test_profile_summary_attributes_kernels_to_methods(tmp_path):
     assert "| 0 | flash-dist | `_fwd_kernel` | 2.000 | 25% | 42.5 |" in text
     assert "| 3 | FLASH | `void at::native::elementwise_kernel` | 0.500 | 25% |" in text  # helper joins its method
     assert "flash-dist 8.00 ms, FLASH 2.00 ms, cuDNN 1.00 ms" in text
+
+
+def test_scaling_profile_splits_nccl_from_compute():
+    from types import SimpleNamespace
+
+    from flash_dist.bench.scaling import _profile_summary
+
+    events = [SimpleNamespace(key="ncclDevKernel_AllGather_RING_LL", self_device_time_total=30_000.0),
+              SimpleNamespace(key="ncclDevKernel_ReduceScatter_Sum_f32", self_device_time_total=12_500.0),
+              SimpleNamespace(key="_fwd_kernel", self_device_time_total=40_000.0),
+              SimpleNamespace(key="nvjet_sm90_tst_256x128", self_device_time_total=20_000.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert _profile_summary(prof, wall_ms=100.0) == {"wall_ms": 100.0, "compute_ms": 60.0, "nccl_ms": 42.5,
+                                                     "not_compute_ms": 40.0}
