@@ -76,3 +76,20 @@ def test_scaling_profile_splits_nccl_from_compute():
     prof = SimpleNamespace(key_averages=lambda: events)
     assert _profile_summary(prof, wall_ms=100.0) == {"wall_ms": 100.0, "compute_ms": 60.0, "nccl_ms": 42.5,
                                                      "not_compute_ms": 40.0}
+
+
+def test_scaling_cpu_smoke_with_profile(tmp_path):
+    """The strategies suite end to end on the CPU (one torchrun job), with the profiled extra step."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.scaling", "strategies", "--cpu-smoke",
+                           "--impls", "flash_fsdp", "--worlds", "1", "--profile", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "strategies.json").read_text())
+    assert len(rows) == 2 and all(r["error"] is None for r in rows), rows
+    assert all(r["step_ms"] > 0 and r["profile"]["wall_ms"] > 0 for r in rows)

@@ -178,15 +178,16 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
             self._sync()
             if profile and len(self.times) == warmup + steps:  # one extra, untimed, profiled step
                 from torch.profiler import ProfilerActivity
-                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CUDA])
-                self.prof.__enter__()
+                # the CPU smoke test has no GPU activity to record
+                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA])
+                self.prof.start()
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, *args):
             self._sync()
             ms = (time.perf_counter() - self.t0) * 1e3
             if self.prof is not None:
-                self.prof.__exit__(None, None, None)
+                self.prof.stop()
                 self.profile, self.prof = _profile_summary(self.prof, ms), None
                 return
             self.times.append(ms)

@@ -36,10 +36,9 @@ def _step_fn(model, ids, *, ours: bool):
 
 
 def _compile(model):
-    from flash_dist.strategy.strategy import compile_module, compile_targets, find_blocks
+    from flash_dist.strategy.strategy import compile_model, find_blocks
 
-    for target in compile_targets(model, find_blocks(model)):
-        compile_module(target)
+    compile_model(model, find_blocks(model))
     return model
 
 

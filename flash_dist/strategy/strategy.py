@@ -115,6 +115,14 @@ def compile_targets(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module
     return blocks + [m for m in marked if all(m is not b for b in blocks)]
 
 
+def compile_model(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """Compile every :func:`compile_targets` module of ``model`` in place; returns them."""
+    targets = compile_targets(model, blocks)
+    for target in targets:
+        compile_module(target)
+    return targets
+
+
 class FlashStrategy:
     """The flash-dist Lightning strategy: swapped attention plus the chosen sharding.
 
@@ -216,9 +224,7 @@ class FlashStrategy:
     def _apply_compile(self, module: nn.Module) -> None:
         if not self.compile:
             return
-        targets = compile_targets(module, self._blocks(module))
-        for target in targets:
-            compile_module(target)
+        targets = compile_model(module, self._blocks(module))
         rank_zero_info(f"flash-dist: torch.compile on {len(targets)} module(s) "
                        f"({', '.join(sorted({type(t).__name__ for t in targets}))})")
 
