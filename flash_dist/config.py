@@ -172,6 +172,12 @@ class StrategyConfig:
     """FSDP: free each block's gathered parameters after its forward and gather them again for the backward
     (ZeRO-3). ``false`` keeps them until the backward (ZeRO-2 style): one all-gather per block and step
     instead of two, for the memory of the model's unsharded bf16 weights; faster when those are small."""
+    accumulation_no_sync: Optional[bool] = None
+    """FSDP with ``trainer.accumulate_grad_batches`` > 1: the micro-batches before an optimizer step skip the
+    gradient reduce-scatter and keep the parameters gathered (no communication after the first all-gather); the
+    step's last micro-batch reduce-scatters the sum once. Costs one unsharded copy of the bf16 weights and fp32
+    gradients per device while accumulating. null: on, unless ``cpu_offload``; ``false``: communicate every
+    micro-batch."""
 
 
 @dataclass
@@ -310,6 +316,11 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"strategy.cpu_offload: applies to strategy.sharding=fsdp, not {s.sharding!r}")
     if not s.reshard_after_forward and s.sharding != "fsdp":
         raise ConfigError(f"strategy.reshard_after_forward: applies to strategy.sharding=fsdp, not {s.sharding!r}")
+    if s.accumulation_no_sync and s.sharding != "fsdp":
+        raise ConfigError(f"strategy.accumulation_no_sync: applies to strategy.sharding=fsdp, not {s.sharding!r}")
+    if s.accumulation_no_sync and s.cpu_offload:
+        raise ConfigError("strategy.accumulation_no_sync=true: does not work with strategy.cpu_offload=true; "
+                          "leave it null or set it false")
     if s.context_parallel > 1 and s.context_parallel_mode == "ring" and cfg.data.seq_len % (2 * s.context_parallel):
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be divisible by 2 * strategy.context_parallel "
                           f"({2 * s.context_parallel}) for the ring's zigzag split")

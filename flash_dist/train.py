@@ -331,7 +331,7 @@ def build_strategy(cfg: RunConfig):
                               "context_parallel": s.context_parallel, "compile": s.compile, "swap": True}
     if s.sharding == "fsdp":
         kwargs.update(context_parallel_mode=s.context_parallel_mode, cpu_offload=s.cpu_offload,
-                      reshard_after_forward=s.reshard_after_forward)
+                      reshard_after_forward=s.reshard_after_forward, accumulation_no_sync=s.accumulation_no_sync)
     if s.sharding == "deepspeed":
         kwargs.update(deepspeed_stage=s.deepspeed_stage, offload_optimizer=s.offload_optimizer,
                       offload_parameters=s.offload_parameters, context_parallel_mode=s.context_parallel_mode,

@@ -1,6 +1,10 @@
 """The report side of the multi-GPU and profiling benchmarks: tables computed from measured rows."""
 
+import time
 from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
 
 from flash_dist.bench.profile_attention import summarize
 from flash_dist.bench.scaling import Case, cp_table, strategies_table
@@ -24,6 +28,40 @@ def test_strategies_table_weak_scaling_is_per_gpu_throughput_over_one_gpu():
     assert one.rstrip().endswith("| — |")
     assert any("| fsdp | 2 | OOM |" in line for line in lines)
     assert lines[0] == "header"
+
+
+def test_strategies_table_shows_accumulation_and_compares_like_with_like():
+    rows = [_case("flash_fsdp", 1, 500.0), _case("flash_fsdp", 2, 625.0)]
+    acc = [_case("flash_fsdp", 1, 900.0), _case("flash_fsdp", 2, 1000.0)]
+    for r in acc:
+        r["accumulate"] = 2
+        r["tokens_per_s_per_gpu"] *= 2
+    plain = strategies_table(rows, "h")
+    assert "accum." not in plain  # the column only when some row accumulates
+    lines = strategies_table(rows + acc, "h").splitlines()
+    assert "| GPUs | accum. | step ms |" in lines[2]
+    two = next(line for line in lines if "| flash_fsdp | 2 | 2 |" in line)
+    assert "| 1000 |" in two and two.rstrip().endswith("| 90% |")  # against the one-GPU row with accumulate 2
+    del rows[0]["accumulate"]  # rows saved before the field existed count as 1
+    assert "| flash_fsdp | 1 | 1 | 500 |" in strategies_table(rows + acc, "h")
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_step_timer_times_whole_optimizer_steps(accumulate):
+    """One time per optimizer step, from its first micro-batch's start to its last one's end."""
+    from flash_dist.bench.scaling import _step_timer
+
+    timer = _step_timer(warmup=1, steps=2, cpu=True)
+    trainer = SimpleNamespace(global_step=0)
+    for step in range(3):
+        for micro in range(accumulate):
+            timer.on_train_batch_start(trainer, None, None, micro)
+            time.sleep(0.01)
+            if micro == accumulate - 1:
+                trainer.global_step += 1  # the optimizer steps inside the last micro-batch
+            timer.on_train_batch_end(trainer, None, None, None, micro)
+    assert len(timer.times) == 3
+    assert all(accumulate * 10 <= t < accumulate * 10 + 200 for t in timer.times), timer.times
 
 
 def test_cp_table_compares_throughput_and_mfu_with_cp1_and_lists_probes():
@@ -79,7 +117,8 @@ def test_scaling_profile_splits_nccl_from_compute():
 
 
 def test_scaling_cpu_smoke_with_profile(tmp_path):
-    """The strategies suite end to end on the CPU (one torchrun job), with the profiled extra step."""
+    """The strategies suite end to end on the CPU (one torchrun job), with the profiled extra step,
+    two micro-batches per optimizer step."""
     import json
     import os
     import subprocess
@@ -87,9 +126,14 @@ def test_scaling_cpu_smoke_with_profile(tmp_path):
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.scaling", "strategies", "--cpu-smoke",
-                           "--impls", "flash_fsdp", "--worlds", "1", "--profile", "--out", str(tmp_path)],
+                           "--impls", "flash_fsdp", "--worlds", "1", "--profile", "--warmup", "1", "--steps", "2",
+                           "--accumulate", "2", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "strategies.json").read_text())
     assert len(rows) == 2 and all(r["error"] is None for r in rows), rows
     assert all(r["step_ms"] > 0 and r["profile"]["wall_ms"] > 0 for r in rows)
+    for r in rows:
+        assert r["accumulate"] == 2 and len(r["step_times_ms"]) == 3  # warm-up + timed optimizer steps
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(2 * r["seq"] / (r["step_ms"] / 1e3))
+    assert "| tiny, 64 | flash_fsdp | 1 | 2 |" in (tmp_path / "strategies.md").read_text()

@@ -103,6 +103,7 @@ def test_required_and_cross_field_checks(recipe):
         "strategy.offload_optimizer=true": "strategy.offload_optimizer: applies to strategy.sharding=deepspeed, not None",
         "strategy.cpu_offload=true": "strategy.cpu_offload: applies to strategy.sharding=fsdp",
         "strategy.reshard_after_forward=false": "strategy.reshard_after_forward: applies to strategy.sharding=fsdp",
+        "strategy.accumulation_no_sync=true": "strategy.accumulation_no_sync: applies to strategy.sharding=fsdp",
         "strategy.deepspeed_stage=4": "strategy.deepspeed_stage: 4 is not allowed; allowed: 1, 2, 3",
         "optim.min_lr=1": "need 0 <= min_lr <= lr",
         "data.batch_size=0": "data.batch_size: must be an integer >= 1",
@@ -128,6 +129,10 @@ def test_required_and_cross_field_checks(recipe):
         load_config(recipe, ["strategy.sharding=deepspeed", "strategy.deepspeed_stage=3", "strategy.compile=true"])
     assert load_config(recipe, ["strategy.sharding=deepspeed", "strategy.deepspeed_stage=2",
                                 "strategy.compile=true"]).strategy.compile
+    with pytest.raises(ConfigError, match="strategy.accumulation_no_sync=true: does not work with strategy.cpu_offload"):
+        load_config(recipe, ["strategy.sharding=fsdp", "strategy.cpu_offload=true", "strategy.accumulation_no_sync=true"])
+    assert load_config(recipe, ["strategy.sharding=fsdp", "strategy.cpu_offload=true",
+                                "strategy.accumulation_no_sync=false"]).strategy.accumulation_no_sync is False
     # ALiBi has no position table, so no block_size limit
     assert load_config(recipe, ["data.seq_len=512", "model.position_embedding=alibi"]).data.seq_len == 512
 
@@ -154,7 +159,8 @@ def test_every_field_has_a_docstring():
 def test_strategy_section_fields():
     names = {f.name for f in dataclasses.fields(config_module.StrategyConfig)}
     assert {"sharding", "activation_checkpointing", "context_parallel", "context_parallel_mode", "deepspeed_stage",
-            "offload_optimizer", "offload_parameters", "cpu_offload", "reshard_after_forward", "compile"} <= names
+            "offload_optimizer", "offload_parameters", "cpu_offload", "reshard_after_forward", "accumulation_no_sync",
+            "compile"} <= names
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

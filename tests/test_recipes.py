@@ -27,6 +27,8 @@ def test_recipe_builds(recipe):
     assert strategy.compile == cfg.strategy.compile
     if cfg.strategy.sharding == "fsdp":
         assert strategy.reshard_after_forward == cfg.strategy.reshard_after_forward
+        want = cfg.strategy.accumulation_no_sync
+        assert strategy.accumulation_no_sync == (not cfg.strategy.cpu_offload if want is None else want)
     module = GPT2Module(cfg)
     with torch.device("meta"):
         module.configure_model()

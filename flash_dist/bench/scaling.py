@@ -16,12 +16,21 @@ LightningModule, trained by ``Trainer(strategy=...)`` with
 
 All with ``precision="bf16-mixed"``, per-block activation checkpointing (ours through the
 strategy, the baselines through Lightning's policy or HF's ``gradient_checkpointing_enable``),
-AdamW, one sequence per GPU per step (weak scaling: tokens per GPU fixed as GPUs are added).
+AdamW, one sequence per GPU per micro-batch, one micro-batch per optimizer step unless
+``--accumulate N`` (weak scaling: tokens per GPU fixed as GPUs are added).
 
 ``cp``: flash-dist's GPT-2 (``flash-dist train``'s :class:`~flash_dist.train.GPT2Module`) with
 ``FlashStrategy(sharding="fsdp", context_parallel=N, activation_checkpointing=True)``: every
 rank holds ``S / N`` tokens of one sequence. Tokens/s per GPU at fixed tokens per GPU for each
 N, and the longest sequence that trains (one full step) at each N.
+
+``--accumulate N`` (both suites) trains with ``Trainer(accumulate_grad_batches=N)``: a step is
+then one optimizer step of N micro-batches (timed from the start of its first micro-batch to the
+end of its last; warm-up, timed and profiled steps count optimizer steps), and a GPU processes
+``N × S / CP`` tokens per step (the ``cp`` suite's longest-sequence probes stay at one
+micro-batch). With ``flash_fsdp`` the first N - 1 micro-batches skip the
+gradient reduce-scatter (``FlashStrategy(accumulation_no_sync=...)``, on by default; turn it off
+with ``--strategy-options '{"accumulation_no_sync": false}'`` to compare).
 
 Reported per run: step time (median of the timed steps, slowest rank), tokens/s per GPU, MFU
 (model FLOPs of :meth:`flash_dist.models.GPT2.flops_per_token`: ``6N + 12 L d S / 2``, no
@@ -53,6 +62,7 @@ class Case:
     seq: int
     world: int
     cp: int = 1
+    accumulate: int = 1
     step_ms: float | None = None
     tokens_per_s_per_gpu: float | None = None
     mfu: float | None = None
@@ -148,6 +158,52 @@ def _profile_summary(prof, wall_ms: float) -> dict:
             "not_compute_ms": round(wall_ms - compute, 2)}
 
 
+def _step_timer(warmup: int, steps: int, cpu: bool, profile: bool = False):
+    """A callback timing whole optimizer steps: from the start of a step's first micro-batch to the
+    end of its last (the one after which ``global_step`` has advanced), so with
+    ``accumulate_grad_batches=N`` one time covers N micro-batches. ``times`` holds the warm-up and
+    timed steps; with ``profile`` the step after them is profiled instead (``profile`` summary)."""
+    import lightning as L
+    import torch
+
+    class StepTimer(L.Callback):
+        def __init__(self):
+            self.times, self.t0, self.prof, self.profile = [], 0.0, None, None
+            self.step_started_at: int | None = None  # global_step when the running step's first micro-batch began
+
+        def _sync(self):
+            if not cpu:
+                torch.cuda.synchronize()
+
+        def on_train_batch_start(self, trainer, *args):
+            if self.step_started_at is not None:  # a later micro-batch of the same optimizer step
+                return
+            self._sync()
+            self.step_started_at = trainer.global_step
+            if profile and len(self.times) == warmup + steps:  # one extra, untimed, profiled step
+                from torch.profiler import ProfilerActivity
+                # the CPU smoke test has no GPU activity to record
+                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA])
+                self.prof.start()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == self.step_started_at:  # accumulating: the optimizer has not stepped yet
+                return
+            self.step_started_at = None
+            self._sync()
+            ms = (time.perf_counter() - self.t0) * 1e3
+            if self.prof is not None:
+                self.prof.stop()
+                self.profile, self.prof = _profile_summary(self.prof, ms), None
+                return
+            self.times.append(ms)
+            if len(self.times) == warmup and not cpu:
+                torch.cuda.reset_peak_memory_stats()
+
+    return StepTimer()
+
+
 def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float,
               options: dict | None = None, profile: bool = False) -> Case:
     import lightning as L
@@ -166,42 +222,14 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
         def __getitem__(self, i):
             return torch.randint(0, 50257, (case.seq,), generator=torch.Generator().manual_seed(i))
 
-    class StepTimer(L.Callback):
-        def __init__(self):
-            self.times, self.t0, self.prof, self.profile = [], 0.0, None, None
-
-        def _sync(self):
-            if not cpu:
-                torch.cuda.synchronize()
-
-        def on_train_batch_start(self, *args):
-            self._sync()
-            if profile and len(self.times) == warmup + steps:  # one extra, untimed, profiled step
-                from torch.profiler import ProfilerActivity
-                # the CPU smoke test has no GPU activity to record
-                self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA])
-                self.prof.start()
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, *args):
-            self._sync()
-            ms = (time.perf_counter() - self.t0) * 1e3
-            if self.prof is not None:
-                self.prof.stop()
-                self.profile, self.prof = _profile_summary(self.prof, ms), None
-                return
-            self.times.append(ms)
-            if len(self.times) == warmup and not cpu:
-                torch.cuda.reset_peak_memory_stats()
-
     cp_run = case.impl == "flash_cp"
     module = _cp_module(case.size, case.seq) if cp_run else _hf_module(case.size, case.seq, case.impl, cpu)
     strategy = _strategy("flash_fsdp" if cp_run else case.impl, case.cp, cpu,
                          options if case.impl.startswith("flash") else None)
-    timer = StepTimer()
+    timer = _step_timer(warmup, steps, cpu, profile)
     trainer = L.Trainer(accelerator="cpu" if cpu else "cuda", devices=case.world, strategy=strategy,
                         precision="32-true" if cpu else "bf16-mixed", max_steps=warmup + steps + int(profile),
-                        max_epochs=-1,
+                        max_epochs=-1, accumulate_grad_batches=case.accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         use_distributed_sampler=not cp_run, callbacks=[timer])
@@ -225,7 +253,7 @@ def _run_case(case: Case, warmup: int, steps: int, cpu: bool, peak_tflops: float
     if ok[0].item() == 1.0 and timed:
         case.step_ms, case.peak_gib = ok[1].item(), (ok[2].item() if not cpu else None)
         case.step_times_ms = [round(t, 2) for t in timer.times]
-        tokens_per_gpu = case.seq / case.cp
+        tokens_per_gpu = case.accumulate * case.seq / case.cp  # per optimizer step
         case.tokens_per_s_per_gpu = tokens_per_gpu / (case.step_ms * 1e-3)
         with torch.device("meta"):
             flops = GPT2(GPT2Config.from_name(case.size, block_size=case.seq)).flops_per_token(case.seq)
@@ -248,7 +276,7 @@ def worker(a: argparse.Namespace) -> int:
     out: list[dict] = []
     for spec in a.cases.split(","):
         size, seq = spec.split(":")
-        case = Case(a.impl, size, int(seq), world, cp=a.cp)
+        case = Case(a.impl, size, int(seq), world, cp=a.cp, accumulate=a.accumulate)
         t0 = time.perf_counter()
         try:
             _run_case(case, a.warmup, a.steps, a.cpu_smoke, a.peak_tflops, json.loads(a.strategy_options),
@@ -256,7 +284,7 @@ def worker(a: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001  (one failed case must not lose the others' numbers)
             case.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if rank == 0:
-            print(f"[{a.impl} world={world} cp={a.cp}] {size} S={seq}: "
+            print(f"[{a.impl} world={world} cp={a.cp} accumulate={a.accumulate}] {size} S={seq}: "
                   + (case.error or f"{case.step_ms:.1f} ms/step, {case.tokens_per_s_per_gpu:,.0f} tok/s/GPU, "
                      f"MFU {case.mfu:.1%}, peak {case.peak_gib or 0:.1f} GiB"
                      + (f", profiled step {case.profile}" if case.profile else ""))
@@ -328,7 +356,8 @@ def run_jobs(jobs: list[Job], n_gpus: int, cpu: bool, timeout_s: float, log_dir:
                 if (size, int(seq)) not in done:  # the job died (or timed out) before this case
                     reason = "timeout" if time.monotonic() - t0 >= timeout_s else f"exit {proc.returncode}"
                     rows.append(asdict(Case(_arg(job.args, "--impl"), size, int(seq), job.world,
-                                            cp=int(_arg(job.args, "--cp") or 1), error=reason)))
+                                            cp=int(_arg(job.args, "--cp") or 1),
+                                            accumulate=int(_arg(job.args, "--accumulate") or 1), error=reason)))
     return rows
 
 
@@ -345,19 +374,28 @@ def _tokens(n: int) -> str:
 
 
 def strategies_table(rows: list[dict], header: str) -> str:
-    base = {(r["impl"], r["size"], r["seq"]): r for r in rows if r["world"] == 1 and r["step_ms"]}
+    """The strategies suite's Markdown table; an ``accum.`` column (micro-batches per optimizer
+    step) when any row accumulates. Weak-scaling efficiency compares with the one-GPU row of the
+    same strategy, case and accumulation."""
+    def acc(r: dict) -> int:
+        return r.get("accumulate", 1)  # rows written before the field existed
+
+    show_acc = any(acc(r) > 1 for r in rows)
+    base = {(r["impl"], r["size"], r["seq"], acc(r)): r for r in rows if r["world"] == 1 and r["step_ms"]}
     lines = [header, "",
-             "| model, context | strategy | GPUs | step ms | tok/s per GPU | MFU | peak GiB | weak-scaling eff. |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model, context | strategy | GPUs |" + (" accum. |" if show_acc else "")
+             + " step ms | tok/s per GPU | MFU | peak GiB | weak-scaling eff. |",
+             "|---|---|---|" + ("---|" if show_acc else "") + "---|---|---|---|---|"]
     order = {k: i for i, k in enumerate(STRATEGY_IMPLS)}
-    for r in sorted(rows, key=lambda r: (r["size"], r["seq"], order.get(r["impl"], 9), r["world"])):
-        one = base.get((r["impl"], r["size"], r["seq"]))
+    for r in sorted(rows, key=lambda r: (r["size"], r["seq"], order.get(r["impl"], 9), acc(r), r["world"])):
+        one = base.get((r["impl"], r["size"], r["seq"], acc(r)))
         eff = (r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
                if one and r["tokens_per_s_per_gpu"] and r["world"] > 1 else None)
         cells = (f"{_fmt(r['step_ms'], '.0f')} | {_fmt(r['tokens_per_s_per_gpu'], ',.0f')} | "
                  f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')} | {_fmt(r['peak_gib'], '.1f')} | "
                  f"{_fmt(eff and 100 * eff, '.0f', '%')}") if not r["error"] else f"{r['error']} | | | | |"
-        lines.append(f"| {r['size']}, {_tokens(r['seq'])} | {r['impl']} | {r['world']} | {cells} |")
+        accum = f" {acc(r)} |" if show_acc else ""
+        lines.append(f"| {r['size']}, {_tokens(r['seq'])} | {r['impl']} | {r['world']} |{accum} {cells} |")
     return "\n".join(lines)
 
 
@@ -391,8 +429,9 @@ def _header(a: argparse.Namespace, what: str) -> str:
     import torch
 
     card = "cpu" if a.cpu_smoke else torch.cuda.get_device_name()
+    accumulate = f" of {a.accumulate} micro-batches" if a.accumulate > 1 else ""
     return (f"{what}: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
-            f"warmup {a.warmup} + {a.steps} timed steps, bf16-mixed, AdamW, activation checkpointing, "
+            f"warmup {a.warmup} + {a.steps} timed steps{accumulate}, bf16-mixed, AdamW, activation checkpointing, "
             f"peak {a.peak_tflops:g} TFLOP/s")
 
 
@@ -404,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--warmup", type=int, default=2, help="untimed steps first (autotuning, allocator)")
     common.add_argument("--steps", type=int, default=4, help="timed steps")
+    common.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches per optimizer step (Trainer accumulate_grad_batches); a timed step is "
+                             "one optimizer step")
     common.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     common.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (gloo, interpreter)")
     common.add_argument("--strategy-options", default="{}",
@@ -432,12 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--cp", type=int, default=1)
     w.add_argument("--json", required=True)
     a = p.parse_args(argv)
+    if a.accumulate < 1:
+        p.error(f"--accumulate must be >= 1, got {a.accumulate}")
     if a.suite == "worker":
         return worker(a)
 
     out = Path(a.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    timing = ["--warmup", str(a.warmup), "--steps", str(a.steps), "--peak-tflops", str(a.peak_tflops)]
+    timing = ["--warmup", str(a.warmup), "--steps", str(a.steps), "--peak-tflops", str(a.peak_tflops),
+              "--accumulate", str(a.accumulate)]
     timing += ["--cpu-smoke"] if a.cpu_smoke else []
     timing += ["--strategy-options", a.strategy_options] + (["--profile"] if a.profile else [])
     n_gpus = 4 if a.cpu_smoke else __import__("torch").cuda.device_count()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Generator
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -26,6 +28,13 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
     the CPU (gloo) as on GPUs (NCCL). Gradient clipping by norm (``gradient_clip_val``) works on
     the sharded gradients. Checkpoints are sharded (torch.distributed.checkpoint), written to a
     temporary folder and renamed into place, so an interrupted save never looks complete.
+
+    Gradient accumulation (``Trainer(accumulate_grad_batches=N)``): with ``accumulation_no_sync``
+    (the default unless ``cpu_offload``) the micro-batches before an optimizer step keep their
+    gradients unsharded on each rank and keep the parameters gathered, so after the first
+    all-gather they communicate nothing; the step's last micro-batch reduce-scatters the summed
+    gradients once. This holds one unsharded copy of the (bf16) parameters and the fp32 gradients
+    per rank while accumulating.
     """
 
     strategy_name = "flash_fsdp"
@@ -33,7 +42,7 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
     def __init__(self, *, sharding: str = "fsdp", activation_checkpointing: bool = False, cpu_offload: bool = False,
                  context_parallel: int = 1, context_parallel_mode: str = "ring", block_classes=None,
                  swap: bool = True, strict_swap: bool = True, compile: bool = False,
-                 reshard_after_forward: bool = True,
+                 reshard_after_forward: bool = True, accumulation_no_sync: bool | None = None,
                  save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
                  timeout: timedelta | None = default_pg_timeout) -> None:
         ModelParallelStrategy.__init__(self, data_parallel_size="auto", tensor_parallel_size=1,
@@ -42,8 +51,18 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
         self._init_flash(activation_checkpointing=activation_checkpointing, context_parallel=context_parallel,
                          context_parallel_mode=context_parallel_mode, block_classes=block_classes, swap=swap,
                          strict_swap=strict_swap, compile=compile)
+        if accumulation_no_sync is not None and not isinstance(accumulation_no_sync, bool):
+            raise ValueError(f"FlashStrategy: accumulation_no_sync must be True, False or None, "
+                             f"got {accumulation_no_sync!r}")
+        if accumulation_no_sync and cpu_offload:
+            raise ValueError("FlashStrategy: accumulation_no_sync=True does not work with cpu_offload=True (it keeps "
+                             "unsharded parameters and gradients on the device between micro-batches, which CPU "
+                             "offload is there to avoid); leave accumulation_no_sync unset or False")
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
+        self.accumulation_no_sync = (not cpu_offload) if accumulation_no_sync is None else accumulation_no_sync
+        # each FSDP module this strategy sharded -> its reshard_after_forward, restored after a no-sync micro-batch
+        self._fsdp_reshard_after_forward: dict[nn.Module, bool] = {}
 
     # --- processes and mesh ----------------------------------------------------------------------
 
@@ -96,15 +115,19 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
                 "Lightning calls training_step, not forward, so FSDP could never gather them. Move them into "
                 "a submodule (e.g. self.model).")
         blocks = self._blocks(module)
+        self._fsdp_reshard_after_forward = {}
         for i, block in enumerate(blocks):
             # the last block's parameters are needed again at once by the backward
-            fully_shard(block, reshard_after_forward=self.reshard_after_forward and i < len(blocks) - 1, **kwargs)
+            reshard = self.reshard_after_forward and i < len(blocks) - 1
+            fully_shard(block, reshard_after_forward=reshard, **kwargs)
+            self._fsdp_reshard_after_forward[block] = reshard
         # the rest (embeddings, head, final norm) in one unit per top-level submodule: their forward is
         # what training_step calls, so FSDP's hooks there gather and free the remaining parameters
         roots = [child for child in module.children()
                  if any(not isinstance(p, DTensor) for p in child.parameters())]
         for child in roots:
             fully_shard(child, reshard_after_forward=self.reshard_after_forward, **kwargs)
+            self._fsdp_reshard_after_forward[child] = self.reshard_after_forward
         rank_zero_info(f"flash-dist: FSDP2 over {self.shard_mesh.size()} ranks, {len(blocks)} × "
                        f"{type(blocks[0]).__name__} + {len(roots)} root unit(s), precision "
                        f"{self.precision_plugin.precision}")
@@ -129,6 +152,41 @@ class FlashFSDPStrategy(FlashStrategy, ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _compat.optimizers_to_device(self.optimizers, self.root_device)
+
+    # --- gradient accumulation ------------------------------------------------------------------
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning enters this around the micro-batches that accumulate without an optimizer step.
+
+        With ``accumulation_no_sync``: no reduce-scatter of the gradients (FSDP2 sums them
+        unsharded) and no resharding of the parameters after the forward or the backward (no
+        all-gather for the next micro-batch). On exit gradient sync and resharding after the
+        backward are back on and each module's own ``reshard_after_forward`` is restored, so the
+        step's last micro-batch, run outside this context, reduce-scatters the sum once and frees
+        the gathered parameters. A module sharded outside this strategy only has its gradient
+        sync switched (its resharding settings are unknown here).
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)] if self.model is not None else []
+        if not self.accumulation_no_sync or not modules:
+            yield
+            return
+        self._set_accumulation_sync(modules, sync=False)
+        try:
+            yield
+        finally:
+            self._set_accumulation_sync(modules, sync=True)
+
+    def _set_accumulation_sync(self, modules, sync: bool) -> None:
+        for module in modules:
+            module.set_requires_gradient_sync(sync, recurse=False)
+            configured = self._fsdp_reshard_after_forward.get(module)
+            if configured is None:
+                continue
+            module.set_reshard_after_forward(configured if sync else False, recurse=False)
+            module.set_reshard_after_backward(sync, recurse=False)
 
     # --- checkpoints -----------------------------------------------------------------------------
 

@@ -147,6 +147,11 @@ class FlashStrategy:
         swap: swap the model's attention (turn off for a model that calls flash-dist itself).
         strict_swap: passed to :func:`flash_dist.swap_attention` (error when nothing is found).
         cpu_offload: FSDP: keep sharded parameters and optimizer state on the CPU.
+        accumulation_no_sync: FSDP with ``accumulate_grad_batches`` > 1: on the micro-batches
+            before an optimizer step, skip the gradient reduce-scatter and keep the parameters
+            gathered, so they communicate nothing after the first all-gather (costs one unsharded
+            copy of the bf16 parameters and fp32 gradients per rank while accumulating).
+            ``None`` (default): on unless ``cpu_offload``.
         deepspeed_stage, deepspeed_offload, deepspeed_config: ZeRO stage (1, 2 or 3), offload
             of optimizer state (and parameters at stage 3) to the CPU, and a DeepSpeed config
             dict or JSON path that takes precedence.

@@ -38,10 +38,23 @@ def test_flash_strategy_dispatches_on_sharding():
     ({"sharding": "deepspeed", "deepspeed_stage": 4}, "deepspeed_stage must be 1, 2 or 3"),
     ({"sharding": "deepspeed", "deepspeed_stage": 3, "compile": True}, "compile=True works with deepspeed_stage 1 or 2"),
     ({"sharding": "fsdp", "compile": "yes"}, "compile must be True or False, got 'yes'"),
+    ({"sharding": "fsdp", "accumulation_no_sync": "yes"}, "accumulation_no_sync must be True, False or None, got 'yes'"),
+    ({"sharding": "fsdp", "accumulation_no_sync": True, "cpu_offload": True},
+     "accumulation_no_sync=True does not work with cpu_offload=True"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FlashStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,want", [({}, True), ({"accumulation_no_sync": False}, False),
+                                         ({"cpu_offload": True}, False),
+                                         ({"cpu_offload": True, "accumulation_no_sync": False}, False)])
+def test_fsdp_accumulation_no_sync_default(kwargs, want):
+    strategy = FlashStrategy(sharding="fsdp", **kwargs)
+    assert strategy.accumulation_no_sync is want
+    with strategy.block_backward_sync():  # no model yet: nothing to switch
+        pass
 
 
 def test_deepspeed_missing_says_how_to_install(monkeypatch):

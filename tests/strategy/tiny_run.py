@@ -3,6 +3,9 @@
 Run as a script (Lightning relaunches this file once per rank). Rank 0 writes a JSON with the
 global loss of every step, the number of flash-dist kernel calls and the final logits on a fixed
 input. ``--strategy none`` is the plain single-process reference with the model's own attention.
+With ``--accumulate N`` every optimizer step takes N micro-batches; the JSON then also says, per
+micro-batch, whether the optimizer's (sharded) parameters had gradients after its backward and how
+many collectives its backward issued.
 """
 
 import argparse
@@ -14,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run the real kernels in T
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 import flash_dist  # noqa: E402,F401  (registers the flash_* strategies)
@@ -31,6 +35,22 @@ def _counting_forward(*args, **kwargs):
 
 # every path to the forward kernel (eager autograd.Function, compiled custom op) goes through here
 ops.attention_forward = _counting_forward
+
+# collectives issued by this process (FSDP2 calls them through torch.distributed's module attributes)
+COLLECTIVES = {"count": 0}
+
+
+def _counting(fn):
+    def wrapper(*args, **kwargs):
+        COLLECTIVES["count"] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+for _name in ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+              "all_reduce", "all_gather", "reduce_scatter"):
+    if hasattr(dist, _name):
+        setattr(dist, _name, _counting(getattr(dist, _name)))
 
 
 class EpochTokens(Dataset):
@@ -72,6 +92,7 @@ class TinyGPT2(L.LightningModule):
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="eager")
         self.model = GPT2LMHeadModel(cfg)
         self.dataset, self.batch, self.losses = dataset, batch, []
+        self.grads_after_backward, self.backward_collectives = [], []
 
     def train_dataloader(self):
         sampler = EpochSampler(self.dataset, self.trainer.global_rank, self.trainer.world_size)
@@ -79,6 +100,15 @@ class TinyGPT2(L.LightningModule):
 
     def training_step(self, tokens, _):
         return self.model(input_ids=tokens, labels=tokens).loss
+
+    def on_before_backward(self, loss):
+        self._collectives_before = COLLECTIVES["count"]
+
+    def on_after_backward(self):
+        # the optimizer holds the sharded parameters: FSDP2 sets their .grad only by a reduce-scatter
+        params = [p for opt in self.trainer.optimizers for group in opt.param_groups for p in group["params"]]
+        self.grads_after_backward.append(any(p.grad is not None for p in params))
+        self.backward_collectives.append(COLLECTIVES["count"] - self._collectives_before)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         loss = self.trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
@@ -99,16 +129,25 @@ def main():
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="FlashStrategy(compile=True)")
+    p.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=N)")
+    p.add_argument("--accumulation-sync", action="store_true",
+                   help="flash_fsdp only: FlashStrategy(accumulation_no_sync=False)")
     args = p.parse_args()
 
     L.seed_everything(0, workers=True)
-    # one optimizer step per epoch, every epoch new data: resuming at a step is exact
-    dataset = EpochTokens(BATCH * args.devices)
+    # one optimizer step per epoch, every epoch new data: resuming at a step is exact. Each rank's
+    # micro-batch i holds items rank + devices * (BATCH * i + j), j < BATCH; the reference's
+    # (BATCH * devices per micro-batch, one process) holds the same items, so both see the same
+    # data per optimizer step.
+    dataset = EpochTokens(BATCH * args.devices * args.accumulate)
     model = TinyGPT2(dataset, BATCH if args.strategy != "none" else BATCH * args.devices)
     strategy = "auto"
     if args.strategy != "none":
         strategy = args.strategy
-        if args.activation_checkpointing or args.compile:
+        if args.accumulation_sync:
+            assert args.strategy == "flash_fsdp", "--accumulation-sync applies to flash_fsdp"
+            strategy = flash_dist.FlashStrategy(sharding="fsdp", accumulation_no_sync=False)
+        elif args.activation_checkpointing or args.compile:
             kind, extra = {"flash_fsdp": ("fsdp", {}), "flash_ddp": ("ddp", {}),
                            "flash_deepspeed_stage_2": ("deepspeed", {"deepspeed_stage": 2})}[args.strategy]
             strategy = flash_dist.FlashStrategy(sharding=kind, activation_checkpointing=args.activation_checkpointing,
@@ -123,7 +162,8 @@ def main():
                         strategy=strategy, max_steps=args.steps, max_epochs=-1, logger=False,
                         enable_checkpointing=bool(args.ckpt_dir), callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=args.clip,
-                        num_sanity_val_steps=0, use_distributed_sampler=False)
+                        num_sanity_val_steps=0, use_distributed_sampler=False,
+                        accumulate_grad_batches=args.accumulate)
     trainer.fit(model, ckpt_path=args.resume)
     probe = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
     model.eval()
@@ -132,7 +172,8 @@ def main():
     if trainer.is_global_zero:
         json.dump({"losses": model.losses, "calls": CALLS["attn_fwd"], "world": trainer.world_size,
                    "strategy": type(trainer.strategy).__name__, "probe": probe.tolist(),
-                   "logits": logits.tolist()}, open(args.out, "w"))
+                   "logits": logits.tolist(), "grads_after_backward": model.grads_after_backward,
+                   "backward_collectives": model.backward_collectives}, open(args.out, "w"))
     return 0
 
 
