@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, query_range,
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, load_tile, query_range,
                      quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
 
@@ -65,7 +65,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
                   offs_n, start_n, offs_m0, lo, hi,
                   seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                   seed, rng_offset, bh, dropout_p, d_ok,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -74,10 +74,14 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         row_ok = offs_m < seqlen_q
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+        q = load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             q = q.to(tl.float32)
-        lse = _load_lse_log2(L_h + offs_m * stride_lm, row_ok)
+        if MASKED:
+            lse = _load_lse_log2(L_h + offs_m * stride_lm, row_ok)
+        else:
+            # every row of an unmasked block exists and sees a key of this block: lse is finite
+            lse = tl.load(L_h + offs_m * stride_lm) * 1.4426950408889634
         # transposed tiles (keys x queries) so dK and dV accumulate without a transpose
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
@@ -87,7 +91,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
                          HAS_LEFT, HAS_RIGHT)
             sT = tl.where(ok, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
-        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+        do = load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             do = do.to(tl.float32)
         if HAS_DROPOUT:
@@ -100,7 +104,10 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
-        delta = tl.load(D_h + offs_m * stride_lm, mask=row_ok, other=0.0)
+        if MASKED:
+            delta = tl.load(D_h + offs_m * stride_lm, mask=row_ok, other=0.0)
+        else:
+            delta = tl.load(D_h + offs_m * stride_lm)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
         q_ptrs += BLOCK_M * stride_qm
@@ -144,6 +151,7 @@ def _bwd_kv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     kv_ok = (offs_n0[:, None] < seqlen_k - start_n) & d_ok
     k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + row_k * stride_kn
                 + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
@@ -180,19 +188,19 @@ def _bwd_kv_kernel(
                                offs_n, start_n, offs_m0, lo, mid_lo,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                                seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                               BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
                                offs_n, start_n, offs_m0, mid_lo, mid_hi,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                                seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
+                               BLOCK_M, BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
                                offs_n, start_n, offs_m0, mid_hi, hi,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                                seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                               BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
@@ -206,7 +214,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
                  offs_m, offs_n0, lo, hi,
                  seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                  seed, rng_offset, bh, dropout_p, d_ok,
-                 BLOCK_N: tl.constexpr,
+                 BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -214,12 +222,9 @@ def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
     v_ptrs = V_tile + lo.to(tl.int64) * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if MASKED:
-            kv_ok = (offs_n[:, None] < seqlen_k) & d_ok
-        else:
-            kv_ok = d_ok
-        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        col_ok = offs_n < seqlen_k
+        k = load_tile(k_ptrs, col_ok, d_ok, MASKED, EVEN_D)
+        v = load_tile(v_ptrs, col_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -279,6 +284,7 @@ def _bwd_q_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     row_ok = offs_m0 < seqlen_q - start_m
     tile_ok = row_ok[:, None] & d_ok
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row_q * stride_qm
@@ -313,17 +319,17 @@ def _bwd_q_kernel(
                       offs_m, offs_n0, lo, mid_lo,
                       seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                       seed, rng_offset, bh, dropout_p, d_ok,
-                      BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+                      BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
                       offs_m, offs_n0, mid_lo, mid_hi,
                       seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                       seed, rng_offset, bh, dropout_p, d_ok,
-                      BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+                      BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
                       offs_m, offs_n0, mid_hi, hi,
                       seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                       seed, rng_offset, bh, dropout_p, d_ok,
-                      BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+                      BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row_q * stride_dqm
              + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)

@@ -110,6 +110,20 @@ def query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
+def load_tile(ptrs, row_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows x head dim) tile. Blocks outside the masked ranges lie wholly inside the sequence,
+    so their loads need no predicate (and none on the head dim when it fills the tile): a
+    predicated load costs registers and issue slots in the innermost loops."""
+    if MASKED:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_ok, other=0.0)
+    return x
+
+
+@triton.jit
 def visible(offs_m, offs_n, seqlen_k, shift, win_left, win_right,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Boolean tile: may query ``offs_m`` (column vector) attend to key ``offs_n`` (row vector)?

@@ -210,3 +210,44 @@ def test_backward_accepts_a_sliced_lse(device):
     got = attention_backward(dout, q, k, v, out, wide[..., ::2], **kw)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+
+@pytest.mark.parametrize("head_dim", [32, 40], ids=["full_tile", "padded_tile"])
+@pytest.mark.parametrize("opts", [OPTIONS["plain"], OPTIONS["causal"], OPTIONS["window_both"], OPTIONS["everything"],
+                                  {"causal": True, "dropout_p": 0.3}],
+                         ids=["plain", "causal", "window_both", "everything", "dropout"])
+def test_unmasked_blocks(head_dim, opts, device):
+    """Sequences long enough that most tiles take the predicate-free path, head dims that fill the
+    tile or not, GQA, into poisoned outputs, against float64 (dropout: with the kernels' own mask)."""
+    from flash_dist.kernels import draw_rng, dropout_mask
+
+    torch.manual_seed(5)
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 150, 200, head_dim
+    q = randn(b, hq, sq, d, dtype=torch.float32, device=device)
+    k, v = (randn(b, hkv, sk, d, dtype=torch.float32, device=device) for _ in range(2))
+    kw = _options(opts, hq, device=device)
+    p = kw.pop("dropout_p", 0.0)
+    left, right = kw.pop("window_size", (-1, -1))
+    if kw.pop("causal", False):
+        right = 0
+    scale = kw.pop("softmax_scale", d ** -0.5)
+    slopes = kw.pop("alibi_slopes", None)
+    rng = draw_rng(device) if p else None
+    launch = dict(softmax_scale=scale, window=(left, right), alibi_slopes=slopes, dropout_p=p, rng=rng)
+    out, lse = (torch.full((b, hq, sq, d), float("nan"), device=device),
+                torch.full((b, hq, sq), float("nan"), device=device))
+    attention_forward(q, k, v, out=out, lse=lse, **launch)
+    dout = torch.randn_like(out)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **launch)
+    q64, k64, v64 = leaf64(q, k, v)
+    ref_kw = dict(softmax_scale=scale, window_size=(left, right), alibi_slopes=slopes)
+    if p:
+        ref_kw.update(dropout_p=p, dropout_mask=dropout_mask(rng, b, hq, sq, sk, p))
+    ref, ref_lse = attention_reference(q64, k64, v64, **ref_kw)
+    ref.backward(dout.double())
+    assert_close("out", out, ref, TOL[torch.float32])
+    assert_lse_close(lse, ref_lse.detach())
+    for name, g, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[torch.float32])
