@@ -146,3 +146,25 @@ def test_bad_shapes():
         linear_cross_entropy(h, w[:, :4], y)
     with pytest.raises(TypeError, match="labels must be int64 or int32"):
         linear_cross_entropy(h, w, y.float())
+
+
+@pytest.mark.parametrize("dtype,per_16_bytes", [(torch.float32, 4), (torch.bfloat16, 8), (torch.float16, 8)])
+def test_vocab_sized_buffers_have_aligned_rows(dtype, per_16_bytes):
+    """An odd vocabulary (GPT-2's 50257) gets rows padded to 16 bytes, which cuBLAS's fast kernels need."""
+    from flash_dist.losses import _aligned
+
+    buf = _aligned(3, 50257, dtype, torch.device("cpu"))
+    assert buf.shape == (3, 50257) and buf.dtype == dtype
+    assert buf.stride(1) == 1 and buf.stride(0) % per_16_bytes == 0 and buf.stride(0) - 50257 < per_16_bytes
+
+
+def test_bf16_odd_vocab_matches_fp64():
+    """The bf16 path (logits and the softmax gradient in padded buffers) against float64."""
+    h, w, y = make(40, 32, 101, ignore_frac=0.2, seed=3)
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss = linear_cross_entropy(hb, wb, y, chunk_size=16)
+    loss.backward()
+    ref_loss, ref_dh, ref_dw = reference(hb.float(), wb.float(), y, "mean")
+    assert abs(loss.item() - ref_loss.item()) <= 1e-2 * abs(ref_loss.item())
+    assert rel_err(hb.grad, ref_dh) < 2e-2
+    assert rel_err(wb.grad, ref_dw) < 2e-2
