@@ -148,15 +148,17 @@ def test_bad_shapes():
         linear_cross_entropy(h, w, y.float())
 
 
-@pytest.mark.parametrize("dtype,per_16_bytes", [(torch.float32, 4), (torch.bfloat16, 8), (torch.float16, 8)])
-def test_vocab_sized_buffers_have_aligned_rows(dtype, per_16_bytes):
-    """An odd vocabulary (GPT-2's 50257) gets rows padded to 16 bytes, which cuBLAS's fast kernels need."""
-    from flash_dist.losses import _aligned
 
-    buf = _aligned(3, 50257, dtype, torch.device("cpu"))
-    assert buf.shape == (3, 50257) and buf.dtype == dtype
-    assert buf.stride(1) == 1 and buf.stride(0) % per_16_bytes == 0 and buf.stride(0) - 50257 < per_16_bytes
+def test_odd_vocabulary_is_padded_with_zero_rows():
+    """GPT-2's odd vocabulary (50257) is padded to a multiple of 64 rows for aligned products."""
+    from flash_dist.losses import VOCAB_MULTIPLE, _padded_weight
 
+    w = torch.randn(101, 8)
+    p = _padded_weight(w)
+    assert p.shape == (128, 8) and VOCAB_MULTIPLE == 64
+    assert torch.equal(p[:101], w) and torch.all(p[101:] == 0)
+    even = torch.randn(128, 8)
+    assert _padded_weight(even) is even
 
 def test_bf16_odd_vocab_matches_fp64():
     """The bf16 path (logits and the softmax gradient in padded buffers) against float64."""
