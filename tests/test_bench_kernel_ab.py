@@ -1,0 +1,27 @@
+"""The kernel A/B script: it imports a second copy of the kernel package and compares results."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import flash_dist.kernels
+
+
+def test_kernel_ab_against_a_copy_of_itself(tmp_path):
+    base = tmp_path / "kernels"
+    shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the same kernels from two packages give identical gradients
+    assert "max rel. diff of gradients 0.0e+00" in proc.stdout, proc.stdout
+
+
+def test_kernel_ab_rejects_a_folder_without_a_package(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is not a kernel package" in proc.stderr
