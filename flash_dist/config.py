@@ -100,6 +100,10 @@ class OptimConfig:
     """Optimizer steps of linear warm-up from 0 to ``lr``."""
     schedule: str = _choice("cosine", "cosine", "linear", "constant")
     """Decay from ``lr`` to ``min_lr`` over the steps after warm-up (up to ``trainer.max_steps``)."""
+    fused: Optional[bool] = None
+    """AdamW as one fused kernel per step (``torch.optim.AdamW(fused=True)``) instead of several per
+    parameter group; null: fused when the parameters are on a GPU, except under DeepSpeed, whose ZeRO
+    optimizer wraps the step."""
 
     def lr_at(self, step: int, max_steps: int) -> float:
         """Learning rate at optimizer step ``step`` (0-based) of a run of ``max_steps``."""

@@ -95,7 +95,11 @@ class GPT2Module(L.LightningModule):
         groups = [{"params": [p for p in params if is_matrix(p)], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0}]
         # an empty group would be dropped by DeepSpeed and leave the scheduler one group short
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        fused = o.fused
+        if fused is None:
+            fused = bool(params) and params[0].device.type == "cuda" and self.cfg.strategy.sharding != "deepspeed"
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      fused=fused)
         total = max(self.cfg.trainer.max_steps, 1)
 
         def factor(step: int) -> float:

@@ -60,7 +60,7 @@ def test_save_and_reload_is_identical(recipe, tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown key 'optim.lrr' (in override 'optim.lrr=1'): section 'optim' allows lr, min_lr, "
-                    "weight_decay, betas, eps, warmup_steps, schedule"),
+                    "weight_decay, betas, eps, warmup_steps, schedule, fused"),
     ("modle.name=tiny", "unknown key 'modle' (in override 'modle.name=tiny'): the top level allows model, data, "
                         "optim, trainer, strategy, logging"),
     ("data.seq_len=long", "data.seq_len: Value 'long' of type 'str' could not be converted to Integer"),

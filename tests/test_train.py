@@ -59,3 +59,28 @@ def test_context_parallel_loss_curve_equals_single_rank(token_data, single_rank_
     assert [s for s, _ in split] == [s for s, _ in single_rank_losses]
     for (step, a), (_, b) in zip(split, single_rank_losses):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} != {b}"
+
+
+@pytest.mark.parametrize("fused,sharding,expect", [(None, "fsdp", False), (True, "fsdp", True), (False, "ddp", False),
+                                                   (None, "deepspeed", False)])
+def test_adamw_fused_choice_and_step(fused, sharding, expect):
+    """``optim.fused``: null means fused only for GPU parameters outside DeepSpeed (these are CPU ones);
+    an explicit choice is kept, and the optimizer steps with decayed and undecayed groups."""
+    import torch
+
+    from flash_dist.config import RunConfig
+    from flash_dist.train import GPT2Module
+
+    cfg = RunConfig()
+    cfg.model.name, cfg.model.block_size = "tiny", 32
+    cfg.optim.fused, cfg.strategy.sharding = fused, sharding
+    module = GPT2Module(cfg)
+    module.configure_model()
+    opt = module.configure_optimizers()["optimizer"]
+    assert bool(opt.defaults["fused"]) is expect
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optim.weight_decay, 0.0]
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in module.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, module.parameters()))
