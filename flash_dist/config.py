@@ -300,7 +300,8 @@ def _check(cfg: RunConfig) -> None:
                           "raise model.block_size (learned positions need a row per position)")
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-        raise ConfigError(f"optim.lr / optim.min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={o.lr}, min_lr={o.min_lr}")
+        raise ConfigError(f"optim.lr / optim.min_lr: need 0 <= min_lr <= lr and lr > 0, "
+                          f"got lr={o.lr}, min_lr={o.min_lr}")
     o.betas = tuple(o.betas)  # OmegaConf 2.3 gives a list
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas: two numbers in [0, 1), got {list(o.betas)}")
@@ -332,11 +333,13 @@ def _check(cfg: RunConfig) -> None:
         m = cfg.model
         if m.position_embedding == "alibi":
             raise ConfigError("model.position_embedding=alibi: ring attention (strategy.context_parallel_mode=ring) "
-                              "does not support ALiBi; use position_embedding=learned, or context_parallel_mode=ulysses "
+                              "does not support ALiBi; use position_embedding=learned, "
+                              "or context_parallel_mode=ulysses "
                               "when model heads divide by strategy.context_parallel")
         if m.attn_pdrop > 0:
             raise ConfigError(f"model.attn_pdrop={m.attn_pdrop}: ring attention (strategy.context_parallel_mode=ring) "
-                              "does not support attention dropout; set model.attn_pdrop=0.0 or use context_parallel_mode=ulysses")
+                              "does not support attention dropout; set model.attn_pdrop=0.0 "
+                              "or use context_parallel_mode=ulysses")
     if s.context_parallel > 1 and cfg.data.packed:
         raise ConfigError("data.packed=true: context parallelism does not support packed documents; "
                           "set data.packed=false or strategy.context_parallel=1")

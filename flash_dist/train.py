@@ -299,7 +299,8 @@ def plot_curves(rows: list[dict[str, str]], out: Path) -> None:
             return None
 
     def series(key: str) -> tuple[list[float], list[float]]:
-        pts = [(x, y) for r in rows if (x := number(r.get("step"))) is not None and (y := number(r.get(key))) is not None]
+        pts = [(x, y) for r in rows
+               if (x := number(r.get("step"))) is not None and (y := number(r.get(key))) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     tps_key = next((k for k in ("train|device/items_per_sec", "device/items_per_sec", "train/device/items_per_sec")
@@ -366,7 +367,8 @@ def build_trainer(cfg: RunConfig, *, extra_callbacks=()) -> L.Trainer:
     if cfg.logging.log_memory:
         callbacks.append(PeakMemory(t.log_every_n_steps))
     if t.ckpt_every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", every_n_train_steps=t.ckpt_every_n_steps,
+        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}",
+                                         every_n_train_steps=t.ckpt_every_n_steps,
                                          save_top_k=2, monitor="step", mode="max", save_last="link"))
     try:
         from flash_dist.strategy._compat import rich_progress_bar

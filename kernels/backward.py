@@ -381,7 +381,8 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     )
     opt = (rng if rng is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
            cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy)
-    scalars = (hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k), softmax_scale * LOG2E, softmax_scale, quantize_dropout(dropout_p),
+    scalars = (hq, hq // hkv, seq_q, seq_k, seq_bucket(seq_q, seq_k), softmax_scale * LOG2E, softmax_scale,
+               quantize_dropout(dropout_p),
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))

@@ -127,7 +127,8 @@ def bench_shape(head_dim: int, seqlen: int, *, causal: bool, dtype=torch.bfloat1
             r.peak_mem_gib = peak_memory_gib(fwd_bwd)
             q.grad = k.grad = v.grad = None
             r.fwd_tflops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, False) / r.fwd_ms / 1e9
-            r.fwd_bwd_tflops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, True) / r.fwd_bwd_ms / 1e9
+            flops_fwd_bwd = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, True)
+            r.fwd_bwd_tflops = flops_fwd_bwd / r.fwd_bwd_ms / 1e9
         except Exception as exc:  # one failing backend must not hide the others' numbers
             r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         results.append(r)
@@ -135,7 +136,7 @@ def bench_shape(head_dim: int, seqlen: int, *, causal: bool, dtype=torch.bfloat1
         for r in results:
             if r.method == "flash_dist" and r.error is None:
                 r.max_err_vs_sdpa = (ours - ref).abs().max().item()
-    del q, k, v, dout
+    q = k = v = dout = None  # free the inputs before emptying the cache (the closures above hold them)
     torch.cuda.empty_cache()
     return results
 

@@ -455,7 +455,8 @@ def summary(suite: str, rows: list[Row], judge: bool = True) -> str:
     if suite == "gqa":
         a, b = _extreme(rows, "gqa/mha fwd"), _extreme(rows, "gqa/mha fwd+bwd")
         ok = None if a is None or b is None else min(a, b) >= 1.0
-        return f"ours GQA/MHA TFLOP/s, worst: fwd {_f(a, '.2f')}, fwd+bwd {_f(b, '.2f')} (target >= 1.00: {verdict(ok)})"
+        return (f"ours GQA/MHA TFLOP/s, worst: fwd {_f(a, '.2f')}, fwd+bwd {_f(b, '.2f')} "
+                f"(target >= 1.00: {verdict(ok)})")
     if suite == "dropout":
         a, b = _extreme(rows, "cost fwd", max), _extreme(rows, "cost fwd+bwd", max)
         ok = None if a is None or b is None else max(a, b) <= 0.15
@@ -475,7 +476,8 @@ def summary(suite: str, rows: list[Row], judge: bool = True) -> str:
                 f"(flat = 1.00; full causal: {_f(b, '.2f')})")
     if suite == "memory":
         a = _extreme(rows, "vs sdpa_flash", max)
-        return f"ours/SDPA FLASH peak memory, worst: {_f(a, '.2f')} (target <= 1.05: {verdict(None if a is None else a <= 1.05)})"
+        ok = None if a is None else a <= 1.05
+        return f"ours/SDPA FLASH peak memory, worst: {_f(a, '.2f')} (target <= 1.05: {verdict(ok)})"
     raise ValueError(suite)
 
 

@@ -412,7 +412,8 @@ def cp_table(rows: list[dict], header: str) -> str:
         rel = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
         rel_mfu = r["mfu"] / base["mfu"] if base else None
         lines.append(f"| {r['cp']} | {r['seq']} | {r['seq'] // r['cp']} | {r['step_ms']:.0f} | "
-                     f"{r['tokens_per_s_per_gpu']:,.0f} | {_fmt(rel and 100 * rel, '.0f', '%')} | {100 * r['mfu']:.1f}% | "
+                     f"{r['tokens_per_s_per_gpu']:,.0f} | {_fmt(rel and 100 * rel, '.0f', '%')} | "
+                     f"{100 * r['mfu']:.1f}% | "
                      f"{_fmt(rel_mfu and 100 * rel_mfu, '.0f', '%')} | {_fmt(r['peak_gib'], '.1f')} |")
     probes = [r for r in rows if r.get("probe")]
     if probes:
@@ -421,7 +422,8 @@ def cp_table(rows: list[dict], header: str) -> str:
         for r in sorted(probes, key=lambda r: (r["cp"], r["seq"])):
             res = r["error"] or "trains"
             step = _fmt(r["step_times_ms"][0] / 1e3 if r["step_times_ms"] else None, ".1f")
-            lines.append(f"| {r['cp']} | {r['seq']} | {r['seq'] // r['cp']} | {res} | {step} | {_fmt(r['peak_gib'], '.1f')} |")
+            lines.append(f"| {r['cp']} | {r['seq']} | {r['seq'] // r['cp']} | {res} | {step} "
+                         f"| {_fmt(r['peak_gib'], '.1f')} |")
     return "\n".join(lines)
 
 
@@ -449,9 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     common.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (gloo, interpreter)")
     common.add_argument("--strategy-options", default="{}",
-                        help='JSON of extra FlashStrategy arguments for the flash_* impls, e.g. \'{"reshard_after_forward": false}\'')
+                        help="JSON of extra FlashStrategy arguments for the flash_* impls, "
+                             "e.g. '{\"reshard_after_forward\": false}'")
     common.add_argument("--profile", action="store_true",
-                        help="one extra profiled step per case: GPU time in NCCL kernels, in the rest, and the step's wall time")
+                        help="one extra profiled step per case: GPU time in NCCL kernels, in the rest, "
+                             "and the step's wall time")
     s = sub.add_parser("strategies", parents=[common], help="FSDP2 / ZeRO-3, ours vs Lightning's, weak scaling")
     s.add_argument("--worlds", default="1,2,4", help="GPU counts (1 is the weak-scaling baseline)")
     s.add_argument("--impls", default=None,
@@ -495,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         for world in (int(x) for x in a.worlds.split(",")):
             for impl in impls.split(","):
                 label = f"{impl}-w{world}"
-                jobs.append(Job(world, ["--impl", impl, "--cases", cases, *timing], out / "logs" / f"{label}.json", label))
+                job_args = ["--impl", impl, "--cases", cases, *timing]
+                jobs.append(Job(world, job_args, out / "logs" / f"{label}.json", label))
     else:
         tokens = 64 if a.cpu_smoke else a.tokens_per_gpu
         for cp in (int(x) for x in a.cp.split(",") if x):

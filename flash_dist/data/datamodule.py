@@ -55,7 +55,8 @@ class TokenDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set = TokenDataset(self.path, "train", self.seq_len, packed=self.packed)
             self.val_set = TokenDataset(self.path, "val", self.seq_len, packed=self.packed)
-            for name, ds, batch in (("train", self.train_set, self.batch_size), ("val", self.val_set, self.val_batch_size)):
+            splits = (("train", self.train_set, self.batch_size), ("val", self.val_set, self.val_batch_size))
+            for name, ds, batch in splits:
                 if len(ds) == 0:
                     raise ValueError(f"the {name} split of {self.path} is shorter than one sequence of "
                                      f"{self.seq_len} + 1 tokens; prepare more text or lower data.seq_len")

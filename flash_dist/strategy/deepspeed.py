@@ -39,7 +39,8 @@ class FlashDeepSpeedStrategy(FlashStrategy, DeepSpeedStrategy):
 
     strategy_name = "flash_deepspeed"
 
-    def __init__(self, *, sharding: str = "deepspeed", deepspeed_stage: int = 3, deepspeed_offload: bool = False, deepspeed_config=None,
+    def __init__(self, *, sharding: str = "deepspeed", deepspeed_stage: int = 3, deepspeed_offload: bool = False,
+                 deepspeed_config=None,
                  activation_checkpointing: bool = False, block_classes=None, swap: bool = True,
                  strict_swap: bool = True, context_parallel: int = 1, context_parallel_mode: str = "ring",
                  zero_init: bool = True, compile: bool = False, **kwargs) -> None:

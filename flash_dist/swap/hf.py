@@ -308,7 +308,9 @@ def swap_model(model: nn.Module, prefix: str, strict: bool) -> tuple[list[SwapRo
         model.set_attn_implementation(IMPLEMENTATION)
     except (ValueError, KeyError, ImportError) as exc:
         error = exc
-    join = (lambda name: f"{prefix}.{name}" if prefix and name else prefix or name)
+    def join(name: str) -> str:
+        return f"{prefix}.{name}" if prefix and name else prefix or name
+
     submodels = [(join(n), m) for n, m in model.named_modules() if is_pretrained_model(m)]
     refused = [(p, m) for p, m in submodels
                if _compat.config_attn_implementation(m.config) != IMPLEMENTATION]
