@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, load_tile, query_range,
-                     quantize_dropout, sequence_bounds, strides3, strides4, visible)
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, load_rows, load_tile,
+                     query_range, quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
 
 
@@ -52,10 +52,14 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
 
 
 @triton.jit
-def _load_lse_log2(L_ptrs, mask):
-    # an empty row (lse = -inf) must give P = 0: use +inf there
-    lse = tl.load(L_ptrs, mask=mask, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+def _load_lse_log2(L_ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        # an empty row (lse = -inf) must give P = 0: use +inf there
+        lse = tl.load(L_ptrs, mask=mask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    else:
+        # every row of an unmasked block exists and sees a key of this block: lse is finite
+        lse = tl.load(L_ptrs)
     return lse * 1.4426950408889634
 
 
@@ -77,11 +81,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         q = load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             q = q.to(tl.float32)
-        if MASKED:
-            lse = _load_lse_log2(L_h + offs_m * stride_lm, row_ok)
-        else:
-            # every row of an unmasked block exists and sees a key of this block: lse is finite
-            lse = tl.load(L_h + offs_m * stride_lm) * 1.4426950408889634
+        lse = _load_lse_log2(L_h + offs_m * stride_lm, row_ok, MASKED)
         # transposed tiles (keys x queries) so dK and dV accumulate without a transpose
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
@@ -104,10 +104,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
-        if MASKED:
-            delta = tl.load(D_h + offs_m * stride_lm, mask=row_ok, other=0.0)
-        else:
-            delta = tl.load(D_h + offs_m * stride_lm)
+        delta = load_rows(D_h + offs_m * stride_lm, row_ok, MASKED)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
         q_ptrs += BLOCK_M * stride_qm
@@ -295,7 +292,7 @@ def _bwd_q_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     l_off = b64 * stride_lb + h64 * stride_lh + row_q * stride_lm + offs_m0 * stride_lm
-    lse = _load_lse_log2(LSE + l_off, row_ok)
+    lse = _load_lse_log2(LSE + l_off, row_ok, True)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     k_start64 = k_start.to(tl.int64)
     K_tile = (K + b64 * stride_kb + pid_hk.to(tl.int64) * stride_kh + k_start64 * stride_kn

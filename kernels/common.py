@@ -110,6 +110,16 @@ def query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
+def load_rows(ptrs, row_ok, MASKED: tl.constexpr):
+    """One value per row (lse, Delta); unmasked blocks need no predicate, as in :func:`load_tile`."""
+    if MASKED:
+        x = tl.load(ptrs, mask=row_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def load_tile(ptrs, row_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
     """A (rows x head dim) tile. Blocks outside the masked ranges lie wholly inside the sequence,
     so their loads need no predicate (and none on the head dim when it fills the tile): a
