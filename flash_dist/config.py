@@ -103,7 +103,8 @@ class OptimConfig:
     fused: Optional[bool] = None
     """AdamW as one fused kernel per step (``torch.optim.AdamW(fused=True)``) instead of several per
     parameter group; null: fused when the parameters are on a GPU, except under DeepSpeed, whose ZeRO
-    optimizer wraps the step."""
+    optimizer wraps the step, and with ``16-mixed`` precision plus gradient clipping (the fused step
+    unscales fp16 gradients itself, after clipping would have seen them)."""
 
     def lr_at(self, step: int, max_steps: int) -> float:
         """Learning rate at optimizer step ``step`` (0-based) of a run of ``max_steps``."""
@@ -295,6 +296,10 @@ def _check(cfg: RunConfig) -> None:
         p = getattr(cfg.model, name)
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"model.{name}: must be in [0, 1), got {p}")
+    if cfg.optim.fused and cfg.trainer.precision == "16-mixed" and cfg.trainer.gradient_clip_val:
+        raise ConfigError("optim.fused: true cannot go with trainer.precision '16-mixed' and trainer.gradient_clip_val "
+                          f"{cfg.trainer.gradient_clip_val} (the fused step unscales fp16 gradients only after they "
+                          "were clipped); set optim.fused to null or false, use bf16-mixed, or gradient_clip_val: null")
     if cfg.model.position_embedding == "learned" and cfg.data.seq_len > cfg.model.block_size:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({cfg.model.block_size}); "
                           "raise model.block_size (learned positions need a row per position)")

@@ -29,6 +29,8 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     ThroughputMonitor,
 )
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from flash_dist.config import RunConfig, config_to_yaml, save_config
@@ -81,6 +83,16 @@ class GPT2Module(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and optimizer.defaults.get("fused") and getattr(plugin, "scaler", None) is None:
+            # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
+            # itself, which only matters with fp16's GradScaler; bf16 has no scaler, so clip as in full precision
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val/loss", self._loss(batch), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
@@ -97,9 +109,12 @@ class GPT2Module(L.LightningModule):
         # an empty group would be dropped by DeepSpeed and leave the scheduler one group short
         fused = o.fused
         if fused is None:
-            fused = bool(params) and params[0].device.type == "cuda" and self.cfg.strategy.sharding != "deepspeed"
+            fused = (bool(params) and params[0].device.type == "cuda" and self.cfg.strategy.sharding != "deepspeed"
+                     and not _fp16_clipping(self.cfg))
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       fused=fused)
+        rank_zero_info(f"flash-dist: AdamW {'fused (one kernel per step)' if fused else 'not fused'}, "
+                       f"{len(params)} parameter tensors")
         total = max(self.cfg.trainer.max_steps, 1)
 
         def factor(step: int) -> float:
@@ -113,6 +128,12 @@ class GPT2Module(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _fp16_clipping(cfg: RunConfig) -> bool:
+    """fp16 mixed precision (a GradScaler) with gradient clipping: a fused AdamW would unscale the
+    gradients only inside its step, after they were clipped at their loss-scaled size."""
+    return cfg.trainer.precision == "16-mixed" and bool(cfg.trainer.gradient_clip_val)
 
 
 class PeakMemory(Callback):

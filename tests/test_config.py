@@ -175,3 +175,11 @@ def test_lr_schedule(schedule):
         assert middle == pytest.approx(0.55)  # halfway between lr and min_lr for both decays
     if schedule == "cosine":
         assert o.lr_at(35, 110) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+
+
+def test_fused_adamw_refuses_fp16_clipping(recipe):
+    with pytest.raises(ConfigError, match="optim.fused: true cannot go with trainer.precision '16-mixed'"):
+        load_config(recipe, ["optim.fused=true", "trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"])
+    cfg = load_config(recipe, ["trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"])
+    assert cfg.optim.fused is None  # left to the default, which is then not fused
+    load_config(recipe, ["optim.fused=true", "trainer.precision=16-mixed", "trainer.gradient_clip_val=null"])

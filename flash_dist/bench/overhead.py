@@ -2,11 +2,16 @@
 
 Times are host microseconds per call (many calls queued, then one synchronize), so they show
 what Python, the dispatcher and the Triton launcher add on top of the kernels.
-Run: ``python -m flash_dist.bench.overhead``.
+Run: ``python -m flash_dist.bench.overhead``; ``--profile N`` adds where the host time of the
+launchers goes (cProfile, the N functions with the most time of their own).
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -23,8 +28,30 @@ def per_call_us(fn, n: int = 200) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def main() -> None:
+def profile_calls(rows, top: int, n: int = 200) -> str:
+    """cProfile of ``n`` calls of each ``(name, fn)``; the ``top`` entries by own time."""
+    out = io.StringIO()
+    for name, fn in rows:
+        fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        out.write(f"\n## {name}: {n} calls\n")
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
     import torch.nn.functional as F
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile the launchers and print the N functions with the most own time")
+    a = p.parse_args(argv)
 
     from flash_dist.kernels import flash_attention
     from flash_dist.kernels.backward import attention_backward
@@ -55,6 +82,9 @@ def main() -> None:
     print(f"{'call':40s} {'host us/call':>12s}")
     for name, fn in rows:
         print(f"{name:40s} {per_call_us(fn):12.1f}")
+    if a.profile:
+        keep = ("launcher forward", "launcher backward (3 kernels)", "flash_attention forward+backward")
+        print(profile_calls([r for r in rows if r[0] in keep], a.profile))
 
 
 if __name__ == "__main__":
