@@ -18,6 +18,7 @@ import os
 import re
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from flash_dist.config import RunConfig, config_to_yaml, save_config
@@ -85,7 +87,9 @@ class GPT2Module(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         plugin = self.trainer.precision_plugin
-        if gradient_clip_val and optimizer.defaults.get("fused") and getattr(plugin, "scaler", None) is None:
+        # under DeepSpeed ``optimizer`` is its ZeRO wrapper (no ``defaults``), and DeepSpeed clips itself
+        fused = getattr(optimizer, "defaults", {}).get("fused")
+        if gradient_clip_val and fused and getattr(plugin, "scaler", None) is None:
             # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
             # itself, which only matters with fp16's GradScaler; bf16 has no scaler, so clip as in full precision
             algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
@@ -440,7 +444,12 @@ def train(cfg: RunConfig) -> L.Trainer:
     if ckpt:
         rank_zero_info(f"flash-dist: resuming from {ckpt}")
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        with warnings.catch_warnings():
+            # Lightning looks for the data position in the DataLoader; ours is in the data module's
+            # checkpointed state (ResumableDistributedSampler), so a mid-epoch resume is exact
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
+                                    category=PossibleUserWarning)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     finally:
         # leaving with the process group up can abort a rank at interpreter exit
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from flash_dist.data.dataset import TokenDataset, collate_tokens
@@ -85,6 +86,8 @@ class TokenDataModule(L.LightningDataModule):
             self.train_sampler.load_state_dict(self._restored)
             self._epoch, self._consumed = self.train_sampler.epoch, self.train_sampler.state_dict()["consumed"]
             self._restored = None
+            rank_zero_info(f"flash-dist: data resumes at epoch {self._epoch}, after {self._consumed} of this rank's "
+                           f"{self.train_sampler.num_samples} sequences")
         return self._loader(self.train_set, self.train_sampler, self.batch_size, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
