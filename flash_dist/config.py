@@ -341,10 +341,6 @@ def _check(cfg: RunConfig) -> None:
                               "does not support ALiBi; use position_embedding=learned, "
                               "or context_parallel_mode=ulysses "
                               "when model heads divide by strategy.context_parallel")
-        if m.attn_pdrop > 0:
-            raise ConfigError(f"model.attn_pdrop={m.attn_pdrop}: ring attention (strategy.context_parallel_mode=ring) "
-                              "does not support attention dropout; set model.attn_pdrop=0.0 "
-                              "or use context_parallel_mode=ulysses")
     if s.context_parallel > 1 and cfg.data.packed:
         raise ConfigError("data.packed=true: context parallelism does not support packed documents; "
                           "set data.packed=false or strategy.context_parallel=1")

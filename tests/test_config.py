@@ -119,10 +119,10 @@ def test_required_and_cross_field_checks(recipe):
     # what ring attention cannot do is refused at load time, not at the first step
     ring = ["strategy.context_parallel=2", "strategy.context_parallel_mode=ring"]
     for extra, message in {"model.position_embedding=alibi": "model.position_embedding=alibi: ring attention",
-                           "model.attn_pdrop=0.1": "model.attn_pdrop=0.1: ring attention",
                            "data.packed=true": "data.packed=true: context parallelism"}.items():
         with pytest.raises(ConfigError, match=message):
             load_config(recipe, [*ring, extra])
+    assert load_config(recipe, [*ring, "model.attn_pdrop=0.1"]).model.attn_pdrop == 0.1  # the ring has dropout
     assert load_config(recipe, ["strategy.context_parallel=2", "strategy.context_parallel_mode=ulysses",
                                 "model.position_embedding=alibi"]).strategy.context_parallel == 2
     with pytest.raises(ConfigError, match="strategy.compile=true: works with deepspeed_stage 1 or 2, not 3"):

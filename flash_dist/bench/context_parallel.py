@@ -276,7 +276,7 @@ def _measure(a: argparse.Namespace, seq: int, device: torch.device, *, timed: bo
     ring = _Ring(dist.group.WORLD)
 
     def ring_fn(overlap: bool, comm=ring):
-        return lambda q, k, v: RingAttention.apply(q, k, v, comm, a.causal, scale, a.layout, overlap)[0]
+        return lambda q, k, v: RingAttention.apply(q, k, v, comm, a.causal, scale, a.layout, overlap, 0.0, None)[0]
 
     _reset_peak(device)
     row.ring_ms = _time_ms(_fwd_bwd(ring_fn(True), q, k, v, dout), device, warmup, iters, True)

@@ -5,7 +5,7 @@ longer fit one GPU. Here each rank of a context-parallel group holds a shard of 
 (:mod:`~flash_dist.parallel.shard`), and attention, the only layer that mixes positions, runs as
 
 * :func:`ring_attention` (``mode="ring"``): K/V shards travel around the ring; any head count;
-  causal load balance through the zigzag layout; no dropout, window or ALiBi.
+  causal load balance through the zigzag layout; dropout, but no window or ALiBi.
 * :func:`ulysses_attention` (``mode="ulysses"``): all-to-all from sequence shards to head
   shards and back; needs the head counts divisible by the group size; every kernel option.
 

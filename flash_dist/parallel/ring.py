@@ -46,8 +46,15 @@ every rank.
 
 ``causal=False``: every step is one full call, whatever the layout.
 
-Not supported (each raises ``ValueError`` naming the option): dropout, sliding windows and ALiBi,
-whose masks and biases depend on absolute positions the per-chunk kernel calls do not see; use
+Dropout: every kernel call draws its keep-mask from its own ``(seed, offset)`` pair, the seed
+drawn once per ring call from torch's generator and the offset advanced by ``rank * N + step``
+(:func:`block_rng`), so no two chunk pairs share a mask and the backward regenerates each one.
+The merge above stays exact: each partial output is already divided by its own softmax sum, and
+rescaling by ``exp(lse_b - lse)`` turns it into its share of the globally normalised, dropped
+weights.
+
+Not supported (each raises ``ValueError`` naming the option): sliding windows and ALiBi, whose
+masks and biases depend on absolute positions the per-chunk kernel calls do not see; use
 :func:`flash_dist.parallel.ulysses_attention` for those.
 """
 
@@ -61,11 +68,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flash_dist.kernels import validate
-from flash_dist.kernels.ops import attn_bwd, attn_fwd
+from flash_dist.kernels.ops import attn_bwd, attn_fwd, draw_rng
 
 from .shard import Layout, check_layout
 
-__all__ = ["ring_attention", "Block", "ring_schedule"]
+__all__ = ["ring_attention", "Block", "block_rng", "ring_schedule"]
 
 _FULL = slice(None)
 
@@ -91,6 +98,15 @@ def ring_schedule(rank: int, source: int, local_len: int, *, causal: bool, layou
     if source < rank:
         return [Block(_FULL, slice(0, c), False)]
     return [Block(slice(c, 2 * c), _FULL, False)]
+
+
+def block_rng(rng: Tensor | None, rank: int, step: int, size: int) -> Tensor | None:
+    """The dropout ``(seed, offset)`` of the kernel call rank ``rank`` makes at ring step ``step``
+    (at most one call per step, see :func:`ring_schedule`): ``rng`` with its offset advanced by
+    ``rank * size + step``, distinct for every chunk pair of the ring."""
+    if rng is None:
+        return None
+    return rng + torch.tensor([0, rank * size + step], dtype=rng.dtype, device=rng.device)
 
 
 class _Ring:
@@ -136,7 +152,7 @@ def _window(block: Block) -> tuple[int, int]:
 
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, scale: float,
-                  layout: Layout, overlap: bool) -> tuple[Tensor, Tensor]:
+                  layout: Layout, overlap: bool, dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor]:
     batch, heads, local_len, head_dim = q.shape
     out = torch.zeros(batch, heads, local_len, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads, local_len), -math.inf, dtype=torch.float32, device=q.device)
@@ -151,7 +167,8 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, sc
         for block in ring_schedule(ring.rank, source, local_len, causal=causal, layout=layout):
             left, right = _window(block)
             block_out, block_lse = attn_fwd(q[:, :, block.q], k_cur[:, :, block.k], v_cur[:, :, block.k],
-                                            None, None, 0, 0, scale, 0.0, left, right, None, None)
+                                            None, None, 0, 0, scale, dropout_p, left, right, None,
+                                            block_rng(rng, ring.rank, step, ring.size))
             _merge(out[:, :, block.q], lse[:, :, block.q], block_out, block_lse)
         if requests is not None:
             _wait(requests)
@@ -161,7 +178,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, sc
 
 def _ring_backward(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    lse: Tensor, ring: _Ring, causal: bool, scale: float, layout: Layout,
-                   overlap: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   overlap: bool, dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     local_len = q.shape[2]
     if dout is None:
         dout = torch.zeros_like(out)
@@ -186,7 +203,8 @@ def _ring_backward(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tenso
             block_lse = lse[:, :, block.q].contiguous()
             dq_b, dk_b, dv_b = attn_bwd(dout[:, :, block.q], q[:, :, block.q], k_cur[:, :, block.k],
                                         v_cur[:, :, block.k], out[:, :, block.q], block_lse,
-                                        block_dlse, None, None, 0, 0, scale, 0.0, left, right, None, None)
+                                        block_dlse, None, None, 0, 0, scale, dropout_p, left, right, None,
+                                        block_rng(rng, ring.rank, step, ring.size))
             dq[:, :, block.q] += dq_b
             dk_acc[:, :, block.k] += dk_b
             dv_acc[:, :, block.k] += dv_b
@@ -212,28 +230,27 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, scale: float,
-                layout: Layout, overlap: bool) -> tuple[Tensor, Tensor]:
+                layout: Layout, overlap: bool, dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor]:
         # P2P needs dense buffers; transposed model views are copied once here
         k, v = k.contiguous(), v.contiguous()
-        out, lse = _ring_forward(q, k, v, ring, causal, scale, layout, overlap)
+        out, lse = _ring_forward(q, k, v, ring, causal, scale, layout, overlap, dropout_p, rng)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, rng)
         ctx.ring, ctx.causal, ctx.scale, ctx.layout, ctx.overlap = ring, causal, scale, layout, overlap
+        ctx.dropout_p = dropout_p
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, rng = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale,
-                                    ctx.layout, ctx.overlap)
-        return dq, dk, dv, None, None, None, None, None
+                                    ctx.layout, ctx.overlap, ctx.dropout_p, rng)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _check_unsupported(fn: str, dropout_p: float, window_size: tuple[int, int], alibi_slopes: Tensor | None) -> None:
+def _check_unsupported(fn: str, window_size: tuple[int, int], alibi_slopes: Tensor | None) -> None:
     hint = "ring attention does not support it; use context_parallel_mode='ulysses'"
-    if dropout_p != 0.0:
-        raise ValueError(f"{fn}: dropout_p={dropout_p!r} is not allowed, only 0.0 ({hint} or no attention dropout)")
     if tuple(window_size) != (-1, -1):
         raise ValueError(f"{fn}: window_size={tuple(window_size)!r} is not allowed, only (-1, -1) ({hint})")
     if alibi_slopes is not None:
@@ -259,8 +276,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
             ``"contiguous"``; see the module docstring for which chunk pairs are computed.
         return_lse: also return the log-sum-exp over the full sequence, fp32
             ``(batch, heads_q, local_seq)``, differentiable.
-        dropout_p, window_size, alibi_slopes: accepted only at their defaults (``ValueError``
-            otherwise): they need absolute positions the per-chunk calls do not have.
+        dropout_p: probability of dropping an attention weight, in ``[0, 1)``, as for
+            :func:`flash_dist.kernels.flash_attention` (masks from torch's generator; see the
+            module docstring).
+        window_size, alibi_slopes: accepted only at their defaults (``ValueError`` otherwise):
+            they need absolute positions the per-chunk calls do not have.
         overlap: post each transfer before the kernels that do not need it (default). ``False``
             waits for it first, to measure what the overlap saves.
 
@@ -272,7 +292,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     check_layout(fn, layout)
     if not isinstance(causal, bool):
         raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
-    _check_unsupported(fn, dropout_p, window_size, alibi_slopes)
+    _check_unsupported(fn, window_size, alibi_slopes)
+    validate.check_options(fn, q, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                           window_size=window_size, alibi_slopes=None, batch=q.shape[0], heads=q.shape[1])
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{fn}: q and k must hold the same shard of one sequence (self-attention), got local "
                          f"sequence lengths {q.shape[2]} and {k.shape[2]}")
@@ -283,8 +305,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
         raise ValueError(f"{fn}: with layout='zigzag' each rank holds two equal chunks, so the local sequence "
                          f"length must be even, got {q.shape[2]} (the full sequence length must be divisible by "
                          f"2 * group size = {2 * size})")
-    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
-        raise ValueError(f"{fn}: softmax_scale must be a finite number or None, got {softmax_scale!r}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = RingAttention.apply(q, k, v, _Ring(group), causal, scale, layout, bool(overlap))
+    dropout_p = float(dropout_p)
+    rng = draw_rng(q.device) if dropout_p > 0.0 else None
+    out, lse = RingAttention.apply(q, k, v, _Ring(group), causal, scale, layout, bool(overlap), dropout_p, rng)
     return (out, lse) if return_lse else out

@@ -15,17 +15,50 @@ from .checks import GRAD_TOL, TOL, error_ratio
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def ring_keep_mask(rng: torch.Tensor, world_size: int, batch: int, heads: int, seq: int, *, causal: bool,
+                   layout: str, dropout_p: float) -> torch.Tensor:
+    """The (batch, heads, seq, seq) keep-mask ring attention uses over the full sequence: each chunk
+    pair's mask regenerated from its own (seed, offset) (``block_rng``) at its global positions."""
+    from flash_dist.kernels import dropout_mask
+    from flash_dist.parallel.ring import block_rng, ring_schedule
+
+    local = seq // world_size
+    positions = [split_sequence(torch.arange(seq), r, world_size, dim=0, layout=layout) for r in range(world_size)]
+    keep = torch.ones(batch, heads, seq, seq, dtype=torch.bool)
+    for r in range(world_size):
+        for step in range(world_size):
+            source = (r - step) % world_size
+            for block in ring_schedule(r, source, local, causal=causal, layout=layout):
+                rows, cols = positions[r][block.q], positions[source][block.k]
+                m = dropout_mask(block_rng(rng, r, step, world_size), batch, heads, len(rows), len(cols), dropout_p)
+                keep[:, :, rows[:, None], cols[None, :]] = m
+    return keep
+
+
 def attention_case(rank: int, world_size: int, mode: str, *, causal: bool, layout: str = "zigzag",
                    batch: int = 1, heads_q: int = 2, heads_kv: int = 2, seq: int = 64, head_dim: int = 32,
                    dtype: str = "float32", return_lse: bool = False, seed: int = 0,
-                   options: dict | None = None) -> dict[str, float]:
+                   options: dict | None = None, dropout_p: float = 0.0) -> dict[str, float]:
     """Ring or Ulysses attention on this rank's shard vs the float64 reference on the full sequence.
 
     Every rank draws the same full q, k, v, output gradient (and lse gradient), keeps its shard,
     runs the distributed function forward and backward, and compares its shard of out, lse, dq,
-    dk and dv with the reference's.
+    dk and dv with the reference's. With ``dropout_p`` (ring only) the reference applies the
+    keep-mask the ring's chunk pairs regenerate (:func:`ring_keep_mask`), and the share of
+    dropped weights among the visible ones must be close to ``dropout_p``.
     """
+    from flash_dist.kernels import draw_rng
+
     options = dict(options or {})
+    ring_seed = 1000 + seed
+    if dropout_p:
+        torch.manual_seed(ring_seed)
+        keep = ring_keep_mask(draw_rng("cpu"), world_size, batch, heads_q, seq, causal=causal, layout=layout,
+                              dropout_p=dropout_p)
+        visible = torch.ones(seq, seq, dtype=torch.bool).tril() if causal else torch.ones(seq, seq, dtype=torch.bool)
+        dropped = (~keep & visible).sum().item() / (visible.sum().item() * batch * heads_q)
+        assert abs(dropped - dropout_p) < 0.03, f"{dropped:.3f} of the weights dropped, not ~{dropout_p}"
+        options.update(dropout_p=dropout_p, dropout_mask=keep)
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(seed)
     if options.get("alibi") == "heads":
@@ -49,6 +82,8 @@ def attention_case(rank: int, world_size: int, mode: str, *, causal: bool, layou
 
     local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
     fn = ring_attention if mode == "ring" else ulysses_attention
+    options.pop("dropout_mask", None)
+    torch.manual_seed(ring_seed)
     result = fn(*local, causal=causal, layout=layout, return_lse=return_lse, **options)
     out, lse = result if return_lse else (result, None)
     objective = (out.float() * shard(dout).float()).sum()
@@ -80,7 +115,7 @@ def argument_errors(rank: int, world_size: int) -> list[str]:
     messages = []
     cases = [
         (ring_attention, qkv(seq=15), dict(causal=True), r"must be even.*divisible by 2 \* group size = 4"),
-        (ring_attention, qkv(), dict(causal=True, dropout_p=0.1), r"dropout_p=0.1 is not allowed"),
+        (ring_attention, qkv(), dict(causal=True, dropout_p=1.0), r"dropout_p must be a number in \[0, 1\), got 1.0"),
         (ring_attention, qkv(), dict(causal=True, window_size=(8, 0)), r"window_size=\(8, 0\) is not allowed"),
         (ring_attention, qkv(), dict(causal=False, alibi_slopes=torch.ones(2)), r"alibi_slopes is not allowed"),
         (ring_attention, qkv(), dict(causal=True, layout="striped"), r"layout must be one of"),
@@ -223,6 +258,40 @@ def train_gpt2_context_parallel(rank: int, world_size: int, mode: str, layout: s
     handle.remove()
     assert "attend" not in model.transformer.h[0].attn.__dict__
     return losses
+
+
+def gpt2_ring_dropout(rank: int, world_size: int) -> dict:
+    """GPT-2 with attention dropout through ring attention: one step's gradients with activation
+    checkpointing equal those without (the recomputed forward regenerates the same masks), and
+    differ from the dropout-free model's."""
+    from flash_dist.parallel import context_parallel, sequence_loss, shard_batch
+    from flash_dist.strategy.strategy import checkpoint_block
+
+    ids, labels = gpt2_batches(1)[0]
+
+    def grads(dropout: float, checkpointing: bool) -> tuple[float, list[torch.Tensor]]:
+        model = gpt2_model()
+        for block in model.transformer.h:
+            block.attn.attn_pdrop = dropout
+            if checkpointing:
+                checkpoint_block(block)
+        with context_parallel(model, mode="ring"):
+            shard = shard_batch({"input_ids": ids, "labels": labels})
+            torch.manual_seed(7)
+            loss_sum = model(shard["input_ids"], labels=shard["labels"], position_ids=shard["position_ids"],
+                             reduction="sum")
+            loss = sequence_loss(loss_sum, (shard["labels"] != -100).sum())
+            loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()]
+
+    loss_plain, plain = grads(0.3, False)
+    loss_ckpt, ckpt = grads(0.3, True)
+    loss_nodrop, nodrop = grads(0.0, False)
+    same = all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+    differs = any(not torch.allclose(a, b) for a, b in zip(plain, nodrop))
+    finite = all(torch.isfinite(g).all() for g in plain)
+    return {"checkpointed_equal": same and loss_plain == loss_ckpt, "dropout_changes_gradients": differs,
+            "loss_changes": loss_plain != loss_nodrop, "finite": finite}
 
 
 def gpt2_hook_checks(rank: int, world_size: int) -> dict:

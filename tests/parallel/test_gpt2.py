@@ -2,7 +2,8 @@
 
 import pytest
 
-from .cases import gpt2_batches, gpt2_hook_checks, gpt2_model, train_gpt2, train_gpt2_context_parallel
+from .cases import (gpt2_batches, gpt2_hook_checks, gpt2_model, gpt2_ring_dropout, train_gpt2,
+                    train_gpt2_context_parallel)
 from .checks import assert_ratios
 
 STEPS = 4
@@ -27,3 +28,9 @@ def test_loss_curve_matches_single_process(ranks2, reference_losses, mode, layou
 
 def test_model_hook(ranks2):
     assert_ratios(ranks2.run(gpt2_hook_checks))
+
+
+def test_ring_dropout_under_activation_checkpointing(ranks2):
+    for checks in ranks2.run(gpt2_ring_dropout):
+        assert checks == {"checkpointed_equal": True, "dropout_changes_gradients": True, "loss_changes": True,
+                          "finite": True}

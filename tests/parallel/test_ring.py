@@ -11,11 +11,14 @@ CASES_2 = {
     "full-mqa-d40-batch2": dict(causal=False, batch=2, heads_q=4, heads_kv=1, head_dim=40),
     "causal-contiguous-d16": dict(causal=True, layout="contiguous", head_dim=16),
     "causal-zigzag-fp16-scale": dict(causal=True, dtype="float16", options=dict(softmax_scale=0.3)),
+    "causal-zigzag-dropout-gqa-lse": dict(causal=True, heads_q=4, heads_kv=2, return_lse=True, dropout_p=0.1),
+    "full-contiguous-dropout-fp16": dict(causal=False, layout="contiguous", dtype="float16", dropout_p=0.2),
 }
 
 CASES_4 = {
     "causal-zigzag-gqa": dict(causal=True, heads_q=4, heads_kv=2, seq=128, head_dim=16),
     "causal-contiguous-lse": dict(causal=True, layout="contiguous", seq=64, head_dim=16, return_lse=True),
+    "causal-zigzag-dropout": dict(causal=True, seq=128, head_dim=16, dropout_p=0.15),
 }
 
 
