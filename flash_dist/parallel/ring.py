@@ -48,7 +48,7 @@ every rank.
 
 Dropout: every kernel call draws its keep-mask from its own ``(seed, offset)`` pair, the seed
 drawn once per ring call from torch's generator and the offset advanced by ``rank * N + step``
-(:func:`block_rng`), so no two chunk pairs share a mask and the backward regenerates each one.
+(:func:`block_rngs`), so no two chunk pairs share a mask and the backward regenerates each one.
 The merge above stays exact: each partial output is already divided by its own softmax sum, and
 rescaling by ``exp(lse_b - lse)`` turns it into its share of the globally normalised, dropped
 weights.
@@ -72,7 +72,7 @@ from flash_dist.kernels.ops import attn_bwd, attn_fwd, draw_rng
 
 from .shard import Layout, check_layout
 
-__all__ = ["ring_attention", "Block", "block_rng", "ring_schedule"]
+__all__ = ["ring_attention", "Block", "block_rngs", "ring_schedule"]
 
 _FULL = slice(None)
 
@@ -100,13 +100,20 @@ def ring_schedule(rank: int, source: int, local_len: int, *, causal: bool, layou
     return [Block(slice(c, 2 * c), _FULL, False)]
 
 
-def block_rng(rng: Tensor | None, rank: int, step: int, size: int) -> Tensor | None:
-    """The dropout ``(seed, offset)`` of the kernel call rank ``rank`` makes at ring step ``step``
-    (at most one call per step, see :func:`ring_schedule`): ``rng`` with its offset advanced by
-    ``rank * size + step``, distinct for every chunk pair of the ring."""
+def block_rngs(rng: Tensor | None, rank: int, size: int) -> Tensor | None:
+    """The dropout ``(seed, offset)`` pairs of the kernel calls rank ``rank`` makes, one row per
+    ring step (at most one call per step, see :func:`ring_schedule`): ``rng`` with its offset
+    advanced by ``rank * size + step``, distinct for every chunk pair of the ring. Built on the
+    device (no host-to-device copy, which would wait for the stream)."""
     if rng is None:
         return None
-    return rng + torch.tensor([0, rank * size + step], dtype=rng.dtype, device=rng.device)
+    rngs = rng.repeat(size, 1)
+    rngs[:, 1] += torch.arange(size, dtype=rng.dtype, device=rng.device) + rank * size
+    return rngs
+
+
+def _row(rngs: Tensor | None, step: int) -> Tensor | None:
+    return None if rngs is None else rngs[step]
 
 
 class _Ring:
@@ -152,7 +159,7 @@ def _window(block: Block) -> tuple[int, int]:
 
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, scale: float,
-                  layout: Layout, overlap: bool, dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor]:
+                  layout: Layout, overlap: bool, dropout_p: float, rngs: Tensor | None) -> tuple[Tensor, Tensor]:
     batch, heads, local_len, head_dim = q.shape
     out = torch.zeros(batch, heads, local_len, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads, local_len), -math.inf, dtype=torch.float32, device=q.device)
@@ -168,7 +175,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, sc
             left, right = _window(block)
             block_out, block_lse = attn_fwd(q[:, :, block.q], k_cur[:, :, block.k], v_cur[:, :, block.k],
                                             None, None, 0, 0, scale, dropout_p, left, right, None,
-                                            block_rng(rng, ring.rank, step, ring.size))
+                                            _row(rngs, step))
             _merge(out[:, :, block.q], lse[:, :, block.q], block_out, block_lse)
         if requests is not None:
             _wait(requests)
@@ -178,7 +185,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, causal: bool, sc
 
 def _ring_backward(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    lse: Tensor, ring: _Ring, causal: bool, scale: float, layout: Layout,
-                   overlap: bool, dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                   overlap: bool, dropout_p: float, rngs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     local_len = q.shape[2]
     if dout is None:
         dout = torch.zeros_like(out)
@@ -204,7 +211,7 @@ def _ring_backward(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tenso
             dq_b, dk_b, dv_b = attn_bwd(dout[:, :, block.q], q[:, :, block.q], k_cur[:, :, block.k],
                                         v_cur[:, :, block.k], out[:, :, block.q], block_lse,
                                         block_dlse, None, None, 0, 0, scale, dropout_p, left, right, None,
-                                        block_rng(rng, ring.rank, step, ring.size))
+                                        _row(rngs, step))
             dq[:, :, block.q] += dq_b
             dk_acc[:, :, block.k] += dk_b
             dv_acc[:, :, block.k] += dv_b
@@ -233,9 +240,10 @@ class RingAttention(torch.autograd.Function):
                 layout: Layout, overlap: bool, dropout_p: float, rng: Tensor | None) -> tuple[Tensor, Tensor]:
         # P2P needs dense buffers; transposed model views are copied once here
         k, v = k.contiguous(), v.contiguous()
-        out, lse = _ring_forward(q, k, v, ring, causal, scale, layout, overlap, dropout_p, rng)
+        rngs = block_rngs(rng, ring.rank, ring.size)
+        out, lse = _ring_forward(q, k, v, ring, causal, scale, layout, overlap, dropout_p, rngs)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, rng)
+        ctx.save_for_backward(q, k, v, out, lse, rngs)
         ctx.ring, ctx.causal, ctx.scale, ctx.layout, ctx.overlap = ring, causal, scale, layout, overlap
         ctx.dropout_p = dropout_p
         ctx.set_materialize_grads(False)
@@ -243,9 +251,9 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-        q, k, v, out, lse, rng = ctx.saved_tensors
+        q, k, v, out, lse, rngs = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, ctx.ring, ctx.causal, ctx.scale,
-                                    ctx.layout, ctx.overlap, ctx.dropout_p, rng)
+                                    ctx.layout, ctx.overlap, ctx.dropout_p, rngs)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -18,19 +18,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 def ring_keep_mask(rng: torch.Tensor, world_size: int, batch: int, heads: int, seq: int, *, causal: bool,
                    layout: str, dropout_p: float) -> torch.Tensor:
     """The (batch, heads, seq, seq) keep-mask ring attention uses over the full sequence: each chunk
-    pair's mask regenerated from its own (seed, offset) (``block_rng``) at its global positions."""
+    pair's mask regenerated from its own (seed, offset) (``block_rngs``) at its global positions."""
     from flash_dist.kernels import dropout_mask
-    from flash_dist.parallel.ring import block_rng, ring_schedule
+    from flash_dist.parallel.ring import block_rngs, ring_schedule
 
     local = seq // world_size
     positions = [split_sequence(torch.arange(seq), r, world_size, dim=0, layout=layout) for r in range(world_size)]
     keep = torch.ones(batch, heads, seq, seq, dtype=torch.bool)
     for r in range(world_size):
+        rngs = block_rngs(rng, r, world_size)
         for step in range(world_size):
             source = (r - step) % world_size
             for block in ring_schedule(r, source, local, causal=causal, layout=layout):
                 rows, cols = positions[r][block.q], positions[source][block.k]
-                m = dropout_mask(block_rng(rng, r, step, world_size), batch, heads, len(rows), len(cols), dropout_p)
+                m = dropout_mask(rngs[step], batch, heads, len(rows), len(cols), dropout_p)
                 keep[:, :, rows[:, None], cols[None, :]] = m
     return keep
 
