@@ -268,6 +268,12 @@ def _check_choices(cfg: RunConfig) -> None:
                 raise ConfigError(f"{section.name}.{f.name}: {value!r} is not allowed; allowed: {names}{hint}")
 
 
+def fp16_clipping(cfg: RunConfig) -> bool:
+    """fp16 mixed precision (a GradScaler) with gradient clipping: a fused AdamW would unscale the
+    gradients only inside its step, after they were clipped at their loss-scaled size."""
+    return cfg.trainer.precision == "16-mixed" and bool(cfg.trainer.gradient_clip_val)
+
+
 def _check(cfg: RunConfig) -> None:
     _check_choices(cfg)
     def positive(name: str, value: Any) -> None:
@@ -296,7 +302,7 @@ def _check(cfg: RunConfig) -> None:
         p = getattr(cfg.model, name)
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"model.{name}: must be in [0, 1), got {p}")
-    if cfg.optim.fused and cfg.trainer.precision == "16-mixed" and cfg.trainer.gradient_clip_val:
+    if cfg.optim.fused and fp16_clipping(cfg):
         raise ConfigError("optim.fused: true cannot go with trainer.precision '16-mixed' and trainer.gradient_clip_val "
                           f"{cfg.trainer.gradient_clip_val} (the fused step unscales fp16 gradients only after they "
                           "were clipped); set optim.fused to null or false, use bf16-mixed, or gradient_clip_val: null")

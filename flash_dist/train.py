@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flash_dist.config import RunConfig, config_to_yaml, save_config
+from flash_dist.config import RunConfig, config_to_yaml, fp16_clipping, save_config
 
 
 class GPT2Module(L.LightningModule):
@@ -114,7 +114,7 @@ class GPT2Module(L.LightningModule):
         fused = o.fused
         if fused is None:
             fused = (bool(params) and params[0].device.type == "cuda" and self.cfg.strategy.sharding != "deepspeed"
-                     and not _fp16_clipping(self.cfg))
+                     and not fp16_clipping(self.cfg))
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       fused=fused)
         rank_zero_info(f"flash-dist: AdamW {'fused (one kernel per step)' if fused else 'not fused'}, "
@@ -132,12 +132,6 @@ class GPT2Module(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _fp16_clipping(cfg: RunConfig) -> bool:
-    """fp16 mixed precision (a GradScaler) with gradient clipping: a fused AdamW would unscale the
-    gradients only inside its step, after they were clipped at their loss-scaled size."""
-    return cfg.trainer.precision == "16-mixed" and bool(cfg.trainer.gradient_clip_val)
 
 
 class PeakMemory(Callback):

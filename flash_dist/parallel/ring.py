@@ -298,8 +298,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     fn = "ring_attention"
     validate.check_tensors(fn, q, k, v, varlen=False)
     check_layout(fn, layout)
-    if not isinstance(causal, bool):
-        raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
     _check_unsupported(fn, window_size, alibi_slopes)
     validate.check_options(fn, q, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
                            window_size=window_size, alibi_slopes=None, batch=q.shape[0], heads=q.shape[1])
