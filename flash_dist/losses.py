@@ -94,6 +94,9 @@ def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, 
     vocab = weight.shape[0]
     weight = _padded_weight(weight)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    # padded vocabulary: one gradient buffer for every chunk; its padding columns stay zero
+    g_padded = (weight.new_zeros(min(chunk_size, n), weight.shape[0])
+                if vocab != weight.shape[0] and (need_dh or need_dw) else None)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h, ok = hidden[start:end], valid[start:end]
@@ -108,12 +111,11 @@ def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, 
         probs = logits.sub_(lse[:, None]).exp_()
         probs.scatter_add_(1, y[:, None], -ok[:, None].float())
         probs.mul_(torch.where(ok, scale, 0.0)[:, None])  # not ok * scale: 0 * inf when all are ignored
-        if vocab == weight.shape[0]:
+        if g_padded is None:
             g = probs.to(weight.dtype)
         else:
-            g = weight.new_empty(end - start, weight.shape[0])
+            g = g_padded[:end - start]
             g[:, :vocab] = probs
-            g[:, vocab:] = 0
         if need_dh:
             grad_h[start:end] = g @ weight
         if need_dw:
