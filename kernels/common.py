@@ -15,6 +15,10 @@ import triton.language as tl
 
 #: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if INTERPRET:
+    from ._compat import fix_interpreter_index
+
+    fix_interpreter_index()
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

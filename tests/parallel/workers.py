@@ -31,8 +31,6 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
     import torch.distributed as dist
 
     # ranks share two cores: one thread each avoids oversubscription
@@ -62,14 +60,23 @@ class Ranks:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        os.environ["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "1")
         port = free_port()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results),
                                    daemon=True) for r in range(self.world_size)]
-        for p in self._procs:
-            p.start()
+        # the ranks inherit the environment at start; this process keeps its own (on a GPU
+        # machine it compiles kernels, and Triton would interpret every kernel defined later)
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
         self._collect("ready")
 
     def _collect(self, what: str) -> list:

@@ -1,0 +1,36 @@
+"""The private Triton API in ``flash_dist.kernels._compat``, exercised directly: an upgrade that
+moves or changes it fails here, by name, not as an interpreter error deep inside a kernel."""
+
+import operator
+
+import numpy as np
+import pytest
+import triton.language as tl
+from triton.runtime import interpreter
+
+from flash_dist.kernels import _compat
+
+
+def scalar(data) -> tl.core.tensor:
+    return tl.core.tensor(interpreter.TensorHandle(np.asarray(data, dtype=np.int32), tl.int32), tl.int32)
+
+
+@pytest.mark.parametrize("data", [np.array(7), np.array([7])], ids=["0-d", "1-element"])
+def test_index_of_an_interpreter_scalar(data):
+    assert _compat._index(scalar(data)) == 7
+
+
+def test_installer_gives_tensors_a_working_index():
+    """The interpreter's per-call installer, wrapped by the fix, makes a one-element scalar
+    (how Triton 3.6 holds every scalar) usable as a ``range`` bound under any NumPy."""
+    _compat.fix_interpreter_index()
+    assert getattr(interpreter._patch_lang_tensor, "flash_dist_index_fix", False)
+    assert _compat.fix_interpreter_index() is False  # wrapped once only
+    scope = interpreter._LangPatchScope()
+    try:
+        interpreter._patch_lang_tensor(tl.core.tensor, scope)
+        bound = scalar([5])
+        assert operator.index(bound) == 5
+        assert list(range(0, bound, 2)) == [0, 2, 4]
+    finally:
+        scope.restore()
