@@ -13,10 +13,22 @@ Mask convention between the two functions (what the model passes from one to the
   static-cache slots, are never seen). Run as one varlen call over the real tokens.
 * bool ``(B, 1, 1, Sk)``: bidirectional attention with key padding (encoders, cross-attention),
   or any mask for a single query. Also run as a varlen call.
-* anything else (built for packed sequences, chunked or custom patterns, or a 4-D mask given
-  by the user): full masks the kernel cannot honour. The attention function raises
-  :class:`AttentionSwapError` naming the module, or with ``strict=False`` warns and computes
-  plain (eager) attention with the mask.
+* anything else (built for chunked or custom patterns, or a 4-D mask given by the user): full
+  masks the kernel cannot honour. The attention function raises :class:`AttentionSwapError`
+  naming the module, or with ``strict=False`` warns and computes plain (eager) attention with
+  the mask.
+
+Packed sequences (several documents in one row, as ``DataCollatorWithFlattening`` builds them)
+run as one varlen call over the documents, in either of transformers' two forms:
+
+* ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (and ``max_length_q`` / ``max_length_k``) passed to the
+  model, the FlashAttention contract: the documents are the spans between consecutive offsets
+  into the ``B * S`` tokens, and, as in transformers' FlashAttention path, the attention mask is
+  not read;
+* ``position_ids`` that restart inside a row (with no padding mask and no cache): transformers
+  then builds the full block-diagonal mask, which is checked, element by element, against the
+  documents the position ids delimit before the varlen call replaces it. The check reads the
+  mask's values, so under ``torch.compile`` this form is refused; the first form compiles.
 
 Sliding windows (Mistral, Qwen2, Gemma...) follow transformers' own FlashAttention contract: the
 mask built for a plain sliding-window causal pattern takes one of the causal forms above, and
@@ -36,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flash_dist.kernels import flash_attention_varlen
+
 from . import _compat
 from .report import SKIPPED, SWAPPED, AttentionSwapError, SwapRow
 from .sdpa import attend, autocast_inputs, kernel_problem, refuse
@@ -53,8 +67,6 @@ _UNSUPPORTED = {
     "head_mask": "a head mask (head_mask)",
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks (sinks)",
-    "cu_seq_lens_q": "packed sequences given as cu_seq_lens_q/cu_seq_lens_k",
-    "cu_seq_lens_k": "packed sequences given as cu_seq_lens_q/cu_seq_lens_k",
 }
 # ... of which the plain fallback cannot honour these either
 _NO_FALLBACK = ("s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k")
@@ -135,6 +147,60 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0
     return padding[:, :seen]
 
 
+def _segment_offsets(lengths: Tensor) -> Tensor:
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def packed_documents(kwargs: dict, mask: Optional[Tensor], batch: int, sq: int, sk: int,
+                     causal: bool) -> tuple[Optional[tuple[Tensor, Tensor, int, int]], Optional[str]]:
+    """The documents of a packed batch as varlen arguments ``(cu_q, cu_k, max_q, max_k)``.
+
+    Returns ``(None, None)`` when the batch is not packed (or not in a form recognised here:
+    the caller's other checks then decide) and ``(None, problem)`` when packing arguments are
+    given but unusable. See the module docstring for the two forms.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None:
+            return None, "the model passes only one of cu_seq_lens_q / cu_seq_lens_k"
+        for name, cu, total in (("cu_seq_lens_q", cu_q, batch * sq), ("cu_seq_lens_k", cu_k, batch * sk)):
+            if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+                return None, (f"{name} must be a 1-D integer tensor of document offsets, "
+                              f"got {tuple(cu.shape)} {cu.dtype}")
+            if not _is_tracing() and int(cu[-1]) > total:
+                return None, f"{name} ends at {int(cu[-1])}, past the batch's {total} tokens"
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        if max_q is None:
+            max_q = int((cu_q[1:] - cu_q[:-1]).max())
+        if max_k is None:
+            max_k = int((cu_k[1:] - cu_k[:-1]).max())
+        return (cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)), None
+    position_ids = kwargs.get("position_ids")
+    if (position_ids is None or mask is None or mask.dtype != torch.bool or mask.dim() != 4 or sq != sk
+            or position_ids.shape[-1] != sq or _is_tracing()):
+        return None, None
+    pos = position_ids.to(mask.device).expand(batch, sq)
+    # a document starts where the position does not follow on from the previous token's
+    starts = torch.ones(batch, sq, dtype=torch.bool, device=mask.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if int(starts.sum()) == batch:
+        return None, None  # one document per row: nothing packed
+    doc = starts.cumsum(1)
+    expected = doc[:, :, None] == doc[:, None, :]
+    if causal:
+        expected &= torch.ones(sq, sk, dtype=torch.bool, device=mask.device).tril()
+        sliding = kwargs.get("sliding_window")
+        if isinstance(sliding, int) and sliding > 0:  # key j visible to query i when i - sliding < j
+            expected &= torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(1 - sliding)
+    if mask.shape != (batch, 1, sq, sk) or not torch.equal(mask[:, 0], expected):
+        return None, None  # documents plus something else: a full mask after all
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    lengths = torch.diff(first, append=first.new_tensor([batch * sq]))
+    cu = _segment_offsets(lengths)
+    longest = int(lengths.max())
+    return (cu, cu, longest, longest), None
+
+
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, **kwargs) -> tuple[Tensor, None]:
@@ -162,6 +228,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     k_valid = None
     sq, sk = q.shape[-2], k.shape[-2]
     mask = attention_mask
+    packed = None
+    if problem is None:
+        packed, problem = packed_documents(kwargs, mask, q.shape[0], sq, sk, causal)
+    if packed is not None:
+        mask = None  # the documents replace it (checked equal to it for the position_ids form)
     if problem is None and mask is not None:
         if mask.dtype != torch.bool:
             problem = f"a {mask.dtype} (additive) attention mask was given; the kernel takes padding masks only"
@@ -172,8 +243,9 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             causal, k_valid = False, mask[:, 0, 0, :]
         else:
             problem = (f"a boolean attention mask of shape {tuple(mask.shape)} varies per query (sliding window, "
-                       "packed sequences, chunked or custom mask patterns, or a 4-D mask passed to the model); "
-                       "the kernel supports causal or bidirectional attention with padding")
+                       "chunked or custom mask patterns, packed documents combined with another mask, or a 4-D mask "
+                       "passed to the model); "
+                       "the kernel supports causal or bidirectional attention with padding, or packed documents")
     window = (-1, -1)
     sliding = kwargs.get("sliding_window")
     if problem is None and sliding is not None:
@@ -192,6 +264,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         return refuse(info.path, info.strict, f"transformers {type(module).__name__}", problem,
                       lambda: eager_attention(module, query, key, value, attention_mask, dropout, scaling,
                                               causal, kwargs.get("softcap"), kwargs.get("position_bias")))
+    if packed is not None:
+        batch, hq, _, d = q.shape
+        rows = [t.transpose(1, 2).reshape(-1, t.shape[1], d) for t in (q, k, v)]  # (B * S, H, D)
+        out = flash_attention_varlen(*rows, *packed, causal=causal, softmax_scale=scaling, dropout_p=dropout,
+                                     window_size=window)
+        return out.view(batch, sq, hq, d), None
     out = attend(q, k, v, causal=causal, scale=scaling, dropout_p=dropout, k_valid=k_valid, window_size=window)
     return out.transpose(1, 2), None
 

@@ -178,14 +178,78 @@ def test_masks_the_kernel_cannot_honour_are_refused(device):
     assert_close("fallback logits", out, ref(input_ids=ids, attention_mask=bias).logits)
 
 
-def test_packed_sequences_are_refused_not_ignored(device):
-    """position_ids restarting inside a row makes transformers build a block-diagonal mask."""
+# three documents in each of two rows (lengths 5, 3, 4 and 2, 6, 4), as DataCollatorWithFlattening packs them
+PACKED_LENGTHS = [[5, 3, 4], [2, 6, 4]]
+
+
+def _packed(device):
+    ids, _ = _batch(device, batch=2, seq=12, seed=3)
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in PACKED_LENGTHS], device=device)
+    lengths = torch.tensor([n for row in PACKED_LENGTHS for n in row], dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+    flash_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    return ids, position_ids, flash_kwargs
+
+
+@pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+def test_packed_documents_match_the_original_model(family, form, device):
+    """Documents packed into rows run as one varlen call per layer and give what the original
+    model computes with transformers' block-diagonal mask for the same position ids."""
+    torch.manual_seed(0)
+    model = BUILDERS[family]().to(device)
+    ref = copy.deepcopy(model)
+    flash_dist.swap_attention(model)
+    ids, position_ids, flash_kwargs = _packed(device)
+    extra = flash_kwargs if form == "cu_seq_lens" else {}
+    with kernel_calls() as calls:
+        out = model(input_ids=ids, position_ids=position_ids, use_cache=False, **extra).logits
+    expected = ref(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    assert calls.forward == 2
+    assert_close("packed logits", out, expected)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (expected * weight).sum().backward()
+    assert_grads_close(model, ref)
+
+
+def test_packed_documents_are_separate_sequences(device):
+    """Each document's logits equal those of the document run alone (no attention across documents)."""
+    torch.manual_seed(0)
     model = models.llama().to(device)
     flash_dist.swap_attention(model)
-    ids, _ = _batch(device, batch=1, seq=8)
-    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]], device=device)
-    with pytest.raises(AttentionSwapError, match=r"model\.layers\.0\.self_attn.*packed sequences"):
-        model(input_ids=ids, position_ids=position_ids, use_cache=False)
+    ids, position_ids, _ = _packed(device)
+    packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    for row, lengths in enumerate(PACKED_LENGTHS):
+        start = 0
+        for n in lengths:
+            alone = model(input_ids=ids[row:row + 1, start:start + n], use_cache=False).logits[0]
+            assert_close(f"row {row} document at {start}", packed[row, start:start + n], alone)
+            start += n
+
+
+def test_packing_arguments_are_checked(device):
+    model = models.llama().to(device)
+    flash_dist.swap_attention(model)
+    ids, position_ids, flash_kwargs = _packed(device)
+    with pytest.raises(AttentionSwapError, match=r"model\.layers\.0\.self_attn.*only one of cu_seq_lens_q"):
+        model(input_ids=ids, position_ids=position_ids, use_cache=False, cu_seq_lens_q=flash_kwargs["cu_seq_lens_q"])
+    beyond = flash_kwargs["cu_seq_lens_q"].clone()
+    beyond[-1] += 1
+    with pytest.raises(AttentionSwapError, match="cu_seq_lens_q ends at 25, past the batch's 24 tokens"):
+        model(input_ids=ids, use_cache=False, **{**flash_kwargs, "cu_seq_lens_q": beyond})
+    with pytest.raises(AttentionSwapError, match="1-D integer tensor"):
+        model(input_ids=ids, use_cache=False, **{**flash_kwargs, "cu_seq_lens_k": beyond.float()})
+
+
+def test_restarting_position_ids_with_another_mask_are_refused_not_ignored(device):
+    """A 4-D mask that is not exactly the documents of the position ids stays a full mask."""
+    model = models.llama().to(device)
+    flash_dist.swap_attention(model)
+    ids, position_ids, _ = _packed(device)
+    causal = torch.ones(12, 12, dtype=torch.bool, device=device).tril()[None, None].expand(2, 1, 12, 12)
+    with pytest.raises(AttentionSwapError, match=r"model\.layers\.0\.self_attn.*varies per query"):
+        model(input_ids=ids, position_ids=position_ids, attention_mask=causal, use_cache=False)
 
 
 def test_restore_is_exact_and_swapping_twice_is_a_no_op(device):
@@ -247,6 +311,26 @@ def test_torch_compile_fullgraph(device):
     out = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
     expected = ref(input_ids=ids).logits
     assert_close("compiled logits", out, expected)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    assert_grads_close(model, ref)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_fullgraph_packed(device):
+    """Packed documents under torch.compile, given the FlashAttention-style offsets."""
+    torch.manual_seed(7)
+    model = models.llama().to(device)
+    ref = copy.deepcopy(model)
+    flash_dist.swap_attention(model)
+    ids, position_ids, flash_kwargs = _packed(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with kernel_calls() as calls:
+        out = compiled(input_ids=ids, position_ids=position_ids, use_cache=False, **flash_kwargs).logits
+    assert calls.forward == 2
+    expected = ref(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    assert_close("compiled packed logits", out, expected)
     out.square().mean().backward()
     expected.square().mean().backward()
     assert_grads_close(model, ref)
