@@ -63,11 +63,14 @@ def main():
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=args.root,
                         callbacks=[RequeueOnSignal()])
-    trainer.fit(model, datamodule=data, ckpt_path=args.resume)
-    # without this, gloo's threads can abort the process at exit ("terminate called without an active
-    # exception"), which srun reports as a failed task and Slurm as a FAILED job
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume)
+    finally:
+        # also on the requeue path, which leaves fit with SIGTERMException (a SystemExit): without
+        # this, gloo's threads can abort the process at exit ("terminate called without an active
+        # exception"), which srun reports as a failed task and Slurm as a FAILED job
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
