@@ -174,6 +174,9 @@ def main():
                    "strategy": type(trainer.strategy).__name__, "probe": probe.tolist(),
                    "logits": logits.tolist(), "grads_after_backward": model.grads_after_backward,
                    "backward_collectives": model.backward_collectives}, open(args.out, "w"))
+    # leaving with the process group up can abort a rank at interpreter exit (gloo's threads)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
