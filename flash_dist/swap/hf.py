@@ -52,7 +52,7 @@ from flash_dist.kernels import flash_attention_varlen
 
 from . import _compat
 from .report import SKIPPED, SWAPPED, AttentionSwapError, SwapRow
-from .sdpa import attend, autocast_inputs, kernel_problem, refuse
+from .sdpa import attend, autocast_inputs, cu_offsets, kernel_problem, refuse
 
 #: Name under which the kernel is registered with transformers. It must not contain "flash",
 #: "sdpa" or "flex": transformers picks code paths (and packages to import) by those substrings.
@@ -147,10 +147,6 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0
     return padding[:, :seen]
 
 
-def _segment_offsets(lengths: Tensor) -> Tensor:
-    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-
-
 def packed_documents(kwargs: dict, mask: Optional[Tensor], batch: int, sq: int, sk: int,
                      causal: bool) -> tuple[Optional[tuple[Tensor, Tensor, int, int]], Optional[str]]:
     """The documents of a packed batch as varlen arguments ``(cu_q, cu_k, max_q, max_k)``.
@@ -196,7 +192,7 @@ def packed_documents(kwargs: dict, mask: Optional[Tensor], batch: int, sq: int, 
         return None, None  # documents plus something else: a full mask after all
     first = starts.reshape(-1).nonzero().squeeze(1)
     lengths = torch.diff(first, append=first.new_tensor([batch * sq]))
-    cu = _segment_offsets(lengths)
+    cu = cu_offsets(lengths)
     longest = int(lengths.max())
     return (cu, cu, longest, longest), None
 

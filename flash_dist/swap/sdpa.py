@@ -83,6 +83,11 @@ def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     return q, k, v
 
 
+def cu_offsets(lengths: Tensor) -> Tensor:
+    """int32 ``(n + 1,)`` offsets of ``n`` consecutive sequences of these lengths (``cu_seqlens``)."""
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[float], dropout_p: float,
            k_valid: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1)) -> Tensor:
     """Attention through the kernel, with an optional key-padding mask.
@@ -110,7 +115,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[flo
     hkv, sk = k.shape[1], k.shape[2]
     k_valid = k_valid.to(device=q.device, dtype=torch.bool).expand(batch, sk)
     k_len = k_valid.sum(1, dtype=torch.int32)
-    cu_k = F.pad(torch.cumsum(k_len, 0, dtype=torch.int32), (1, 0))
+    cu_k = cu_offsets(k_len)
     k_idx = k_valid.reshape(-1).nonzero().squeeze(1)
     # (B, S, H, D) rows: for the usual (B, S, H, D)-backed views this reshape is free
     kp = k.transpose(1, 2).reshape(batch * sk, hkv, d).index_select(0, k_idx)
@@ -119,7 +124,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[flo
     if causal:
         q_valid = k_valid[:, sk - sq:] if sk >= sq else F.pad(k_valid, (sq - sk, 0))
         q_len = q_valid.sum(1, dtype=torch.int32)
-        cu_q = F.pad(torch.cumsum(q_len, 0, dtype=torch.int32), (1, 0))
+        cu_q = cu_offsets(q_len)
         q_idx = q_valid.reshape(-1).nonzero().squeeze(1)
         qp = q_rows.index_select(0, q_idx)
     else:
