@@ -64,27 +64,42 @@ def _load_lse_log2(L_ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
-                  stride_qm, stride_dom, stride_lm,
-                  offs_n, start_n, offs_m0, lo, hi,
-                  seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                  seed, rng_offset, bh, dropout_p, d_ok,
+def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+                  stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
+                  offs_n, start_n, offs_m0, lo, hi, pid_hk, GROUP, bh0,
+                  seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
+                  seed, rng_offset, dropout_p, d_ok,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr):
-    q_ptrs = Q_tile + lo.to(tl.int64) * stride_qm
-    do_ptrs = DO_tile + lo.to(tl.int64) * stride_dom
-    for start_m in range(lo, hi, BLOCK_M):
+    # One flat loop over (query block, query head of the GQA group) pairs, not a loop over heads
+    # around a loop over blocks: nested, the compiler hoists the invariants of all three block
+    # loops out of the head loop and keeps them live at once, and with a run-time group size the
+    # kernel spilled registers. With GROUP == 1 (specialised to a constant) the head index folds away.
+    n_iter = tl.cdiv(hi - lo, BLOCK_M) * GROUP
+    h0 = pid_hk * GROUP
+    # the tile pointers advance by one head, and after the last head of the group by one block
+    # back to the first head: the same increments as a plain block loop when GROUP == 1
+    q_ptrs = Q_tile + h0.to(tl.int64) * stride_qh + lo.to(tl.int64) * stride_qm
+    do_ptrs = DO_tile + h0.to(tl.int64) * stride_doh + lo.to(tl.int64) * stride_dom
+    q_wrap = BLOCK_M * stride_qm - (GROUP - 1) * stride_qh.to(tl.int64)
+    do_wrap = BLOCK_M * stride_dom - (GROUP - 1) * stride_doh.to(tl.int64)
+    for it in range(0, n_iter):
+        g = it % GROUP
+        start_m = lo + (it // GROUP) * BLOCK_M
+        pid_h = h0 + g
+        h64 = pid_h.to(tl.int64)
         offs_m = start_m + offs_m0
         row_ok = offs_m < seqlen_q
         q = load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             q = q.to(tl.float32)
-        lse = _load_lse_log2(L_h + offs_m * stride_lm, row_ok, MASKED)
+        lse = _load_lse_log2(L_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         # transposed tiles (keys x queries) so dK and dV accumulate without a transpose
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
+            slope_log2 = tl.load(ALIBI_b + pid_h * stride_ah) * 1.4426950408889634
             sT += alibi_bias(slope_log2, offs_m[None, :], offs_n[:, None], shift)
         if MASKED:
             ok = visible(offs_m[None, :], offs_n[:, None], seqlen_k, shift, win_left, win_right,
@@ -95,7 +110,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         if DOT_FP32:
             do = do.to(tl.float32)
         if HAS_DROPOUT:
-            keepT = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N, True)
+            keepT = dropout_keep(seed, rng_offset, bh0 + g, offs_m, start_n, dropout_p, BLOCK_N, True)
             scale_keep = 1.0 / (1.0 - dropout_p)
             pdT = tl.where(keepT, pT * scale_keep, 0.0)
         else:
@@ -104,11 +119,12 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h,
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
-        delta = load_rows(D_h + offs_m * stride_lm, row_ok, MASKED)
+        delta = load_rows(D_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
+        last = g == GROUP - 1
+        q_ptrs += tl.where(last, q_wrap, stride_qh)
+        do_ptrs += tl.where(last, do_wrap, stride_doh)
     return dk, dv
 
 
@@ -167,38 +183,36 @@ def _bwd_kv_kernel(
         rng_offset = tl.load(RNG + 1).to(tl.int32)
     lo, mid_lo, mid_hi, hi = query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # GQA: this program owns dK/dV of one KV head and sums over its query heads in order
-    for g in range(GROUP):
-        pid_h = pid_hk * GROUP + g
-        h64 = pid_h.to(tl.int64)
-        Q_tile = (Q + b64 * stride_qb + h64 * stride_qh + row_q * stride_qm
-                  + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-        DO_tile = (DO + b64 * stride_dob + h64 * stride_doh + row_q * stride_dom
-                   + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
-        L_h = LSE + b64 * stride_lb + h64 * stride_lh + row_q * stride_lm
-        D_h = DELTA + b64 * stride_lb + h64 * stride_lh + row_q * stride_lm
-        slope_log2 = 0.0
-        if HAS_ALIBI:
-            slope_log2 = tl.load(ALIBI + b64 * stride_ab + pid_h * stride_ah) * 1.4426950408889634
-        bh = pid_b * H + pid_h
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
-                               offs_n, start_n, offs_m0, lo, mid_lo,
-                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                               seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
-                               offs_n, start_n, offs_m0, mid_lo, mid_hi,
-                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                               seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_h, D_h, stride_qm, stride_dom, stride_lm,
-                               offs_n, start_n, offs_m0, mid_hi, hi,
-                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                               seed, rng_offset, bh, dropout_p, d_ok,
-                               BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    # GQA: this program owns dK/dV of one KV head and sums over the query heads of its group
+    Q_tile = (Q + b64 * stride_qb + row_q * stride_qm
+              + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    DO_tile = (DO + b64 * stride_dob + row_q * stride_dom
+               + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+    L_b = LSE + b64 * stride_lb + row_q * stride_lm
+    D_b = DELTA + b64 * stride_lb + row_q * stride_lm
+    ALIBI_b = ALIBI + b64 * stride_ab
+    bh0 = pid_b * H + pid_hk * GROUP
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+                           stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
+                           offs_n, start_n, offs_m0, lo, mid_lo, pid_hk, GROUP, bh0,
+                           seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
+                           seed, rng_offset, dropout_p, d_ok,
+                           BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
+                           HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+                           stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
+                           offs_n, start_n, offs_m0, mid_lo, mid_hi, pid_hk, GROUP, bh0,
+                           seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
+                           seed, rng_offset, dropout_p, d_ok,
+                           BLOCK_M, BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT,
+                           HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+                           stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
+                           offs_n, start_n, offs_m0, mid_hi, hi, pid_hk, GROUP, bh0,
+                           seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
+                           seed, rng_offset, dropout_p, d_ok,
+                           BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
+                           HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
              + offs_n0[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import flash_dist.kernels
 
 
@@ -17,8 +19,18 @@ def test_kernel_ab_against_a_copy_of_itself(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the same kernels from two packages give identical gradients
-    assert "max rel. diff of gradients 0.0e+00" in proc.stdout, proc.stdout
+    # the same kernels from two packages give identical gradients, with and without GQA
+    assert proc.stdout.count("max rel. diff of gradients 0.0e+00") == 2, proc.stdout
+    assert "1, 4, 2, 80, 32" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("bad, words", [("4x32x16384", "BxHQ:HKVxSxD"), ("1x6:4x128x64", "multiple of key/value heads")])
+def test_shapes_with_and_without_grouped_query_heads(bad, words):
+    from flash_dist.bench.kernel_ab import parse_shapes
+
+    assert parse_shapes("4x32x16384x64,1x32:8x8192x128") == [(4, 32, 32, 16384, 64), (1, 32, 8, 8192, 128)]
+    with pytest.raises(SystemExit, match=words):
+        parse_shapes(bad)
 
 
 def test_kernel_ab_rejects_a_folder_without_a_package(tmp_path):

@@ -43,24 +43,31 @@ def load_baseline(path: str | Path):
     return fwd, bwd
 
 
-def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+def parse_shapes(text: str) -> list[tuple[int, int, int, int, int]]:
+    """``BxHxSxD`` items, or ``BxHQ:HKVxSxD`` for grouped-query attention; returns (B, HQ, HKV, S, D)."""
     shapes = []
     for item in text.split(","):
         try:
-            b, h, s, d = (int(x) for x in item.lower().split("x"))
+            b, h, s, d = item.lower().split("x")
+            hq, _, hkv = h.partition(":")
+            shape = (int(b), int(hq), int(hkv or hq), int(s), int(d))
         except ValueError:
-            raise SystemExit(f"--shapes: expected BxHxSxD items like 4x32x16384x64, got {item!r}") from None
-        shapes.append((b, h, s, d))
+            raise SystemExit(f"--shapes: expected BxHxSxD or BxHQ:HKVxSxD items like 4x32x16384x64 or "
+                             f"1x32:8x8192x128, got {item!r}") from None
+        if shape[1] % shape[2]:
+            raise SystemExit(f"--shapes: {item!r}: query heads must be a multiple of key/value heads")
+        shapes.append(shape)
     return shapes
 
 
 def compare(shape, versions, causal: bool, device: str, time_it: bool) -> dict:
     from triton.testing import do_bench
 
-    b, h, s, d = shape
+    b, hq, hkv, s, d = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    q, k, v, do = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(4))
+    q, do = (torch.randn(b, hq, s, d, device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(b, hkv, s, d, device=device, dtype=dtype) for _ in range(2))
     kw = dict(softmax_scale=d ** -0.5, window=(-1, 0) if causal else (-1, -1))
     row, grads = {"shape": shape}, {}
     for name, (fwd, bwd) in versions.items():
@@ -78,7 +85,8 @@ def compare(shape, versions, causal: bool, device: str, time_it: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", required=True, help="directory of the other kernels/ package")
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxHxSxD items, comma-separated")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES,
+                   help="BxHxSxD items, or BxHQ:HKVxSxD for grouped-query attention, comma-separated")
     p.add_argument("--non-causal", action="store_true", help="full attention instead of causal")
     a = p.parse_args(argv)
     from flash_dist.kernels.backward import attention_backward
@@ -86,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = {"baseline": load_baseline(a.baseline), "current": (attention_forward, attention_backward)}
     cuda = torch.cuda.is_available()
-    shapes = parse_shapes(a.shapes) if cuda else [(1, 2, 80, 32)]
+    shapes = parse_shapes(a.shapes) if cuda else [(1, 2, 2, 80, 32), (1, 4, 2, 80, 32)]
     if cuda:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, causal={not a.non_causal}")
-        print("| B, H, S, D | baseline fwd ms | current fwd ms | baseline bwd ms | current bwd ms "
+        print("| B, HQ, HKV, S, D | baseline fwd ms | current fwd ms | baseline bwd ms | current bwd ms "
               "| fwd speed-up | bwd speed-up | max rel. diff of gradients |")
         print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
