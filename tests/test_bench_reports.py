@@ -137,3 +137,20 @@ def test_scaling_cpu_smoke_with_profile(tmp_path):
         assert r["accumulate"] == 2 and len(r["step_times_ms"]) == 3  # warm-up + timed optimizer steps
         assert r["tokens_per_s_per_gpu"] == pytest.approx(2 * r["seq"] / (r["step_ms"] / 1e3))
     assert "| tiny, 64 | flash_fsdp | 1 | 2 |" in (tmp_path / "strategies.md").read_text()
+
+
+def test_timeline_gaps_counts_idle_time_once_across_overlapping_kernels():
+    from flash_dist.bench.training import timeline_gaps
+
+    # kernels 0-10 and 5-12 overlap (two streams); 12-15 idle; 15-20; 20-21 idle; 21-30
+    span, idle, gaps = timeline_gaps([(15.0, 20.0), (0.0, 10.0), (5.0, 12.0), (21.0, 30.0)])
+    assert (span, idle, gaps) == (30.0, 4.0, 2)
+    assert timeline_gaps([]) == (0.0, 0.0, 0)
+
+
+def test_training_bench_rejects_a_bad_loss_chunk_size(capsys):
+    from flash_dist.bench.training import main
+
+    with pytest.raises(SystemExit):
+        main(["--loss-chunk-size", "0"])
+    assert "--loss-chunk-size: must be >= 1, got 0" in capsys.readouterr().err

@@ -9,7 +9,9 @@ the same random initial weights (copied from the HF model). Reported: step time
 Implementations (``--impls``): ``flash_dist`` (eager), ``flash_dist_compile`` (each block and the
 fused output layer + loss through ``torch.compile``, as ``FlashStrategy(compile=True)`` does),
 ``hf_sdpa`` and ``hf_sdpa_compile`` (the HF model's blocks compiled the same way).
-``--profile SEQ`` prints where the GPU time of one step goes, kernel by kernel, for each impl.
+``--profile SEQ`` prints where the GPU time of one step goes, kernel by kernel, for each impl,
+and how much of the step's GPU timeline sat idle. ``--loss-chunk-size`` sets the tokens per chunk
+of flash-dist's fused output layer + loss.
 Run: ``python -m flash_dist.bench.training --seq 1024,4096,16384``.
 """
 
@@ -42,8 +44,27 @@ def _compile(model):
     return model
 
 
+def timeline_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float, int]:
+    """(span, idle time, number of idle gaps) of the GPU timeline given as (start, end) kernel intervals.
+
+    Overlapping kernels (several streams) count once; idle time is where no kernel runs between
+    the first start and the last end. A step with idle time well below its span is GPU-bound.
+    """
+    if not intervals:
+        return 0.0, 0.0, 0
+    intervals = sorted(intervals)
+    idle, gaps, end = 0.0, 0, intervals[0][1]
+    for start, stop in intervals[1:]:
+        if start > end:
+            idle += start - end
+            gaps += 1
+        end = max(end, stop)
+    return end - intervals[0][0], idle, gaps
+
+
 def profile_step(name: str, step, rows: int = 25) -> None:
-    """One profiled step after warm-up: the kernels that took the GPU's time, largest first."""
+    """One profiled step after warm-up: the kernels that took the GPU's time, largest first, and
+    how much of the step's GPU timeline was idle (host launch gaps, synchronisations)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -59,6 +80,11 @@ def profile_step(name: str, step, rows: int = 25) -> None:
     for e in events[:rows]:
         print(f"{e.self_device_time_total / 1e3:8.2f} ms {100 * e.self_device_time_total / total:5.1f}% "
               f"{e.count:5d}x  {e.key[:110]}", flush=True)
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    span, idle, gaps = timeline_gaps(kernels)
+    print(f"--- {name}: GPU timeline {span / 1e3:.1f} ms from first to last kernel, idle {idle / 1e3:.2f} ms "
+          f"in {gaps} gaps", flush=True)
 
 
 def measure(name: str, build, seq: int, flops_per_token: float, peak_tflops: float,
@@ -100,9 +126,13 @@ def main(argv=None) -> None:
     p.add_argument("--impls", default="flash_dist,flash_dist_compile,hf_sdpa",
                    help="comma-separated: flash_dist, flash_dist_compile, hf_sdpa, hf_sdpa_compile")
     p.add_argument("--profile", default="", help="comma-separated context lengths to profile (kernel table per impl)")
+    p.add_argument("--loss-chunk-size", type=int, default=None,
+                   help="tokens per chunk of flash-dist's fused output layer + loss (default: the model's, 1024)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the card (H100/H200 SXM: 989)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
+        p.error(f"--loss-chunk-size: must be >= 1, got {args.loss_chunk_size}")
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
@@ -119,6 +149,8 @@ def main(argv=None) -> None:
             hf = GPT2LMHeadModel(hf_cfg)
             ours = impl.startswith("flash_dist")
             model = (GPT2.from_hf(hf) if ours else hf).cuda()
+            if ours and args.loss_chunk_size is not None:
+                model.lm_head.chunk_size = args.loss_chunk_size
             if impl.endswith("_compile"):
                 model = _compile(model)
             return model, ours
