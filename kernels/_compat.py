@@ -1,5 +1,10 @@
-"""The one private Triton API the kernels reach into, kept here with its test
-(``tests/kernels/test_compat.py``), so an upgrade that moves it fails there, by name.
+"""The private Triton APIs flash-dist reaches into, kept here with their tests
+(``tests/kernels/test_compat.py``), so an upgrade that moves them fails there, by name.
+
+1. The interpreter's tensor installer (:func:`fix_interpreter_index`), for the CPU tests.
+2. Compiling a kernel for a GPU that is not there (:func:`compile_for_target`,
+   :func:`ptxas_usage`), for :mod:`flash_dist.bench.kernel_regs`: ``triton.compiler.ASTSource``
+   with a signature in Triton's own notation, and the ``ptxas`` binary inside the Triton wheel.
 
 Triton 3.6's CPU interpreter holds every scalar as a one-element array and turns it into a
 Python index with ``int(array)``. NumPy 2.4 refuses that for arrays of one dimension, so every
@@ -34,3 +39,48 @@ def fix_interpreter_index() -> bool:
     patch_lang_tensor.flash_dist_index_fix = True
     interpreter._patch_lang_tensor = patch_lang_tensor
     return True
+
+
+def compile_for_target(fn, signature: dict, constexprs: dict, attrs: dict, *, arch: int, num_warps: int,
+                       num_stages: int):
+    """Compile the ``triton.jit`` function ``fn`` for CUDA compute capability ``arch`` (e.g. 90)
+    without a GPU. ``signature`` maps every argument name to a Triton type (``"*bf16"``, ``"i32"``,
+    ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the constexpr values by name; ``attrs``
+    maps ``(argument index,)`` to ``[["tt.divisibility", 16]]``-style hints. Returns the
+    compiled kernel (its ``asm`` dict holds ``ttgir``, ``ptx``, ``cubin``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers per thread and spill bytes of ``ptx`` for ``sm_{arch}``, as reported by the
+    ``ptxas`` that ships inside the Triton wheel (``ptxas -v``)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.isfile(ptxas):
+        raise FileNotFoundError(f"no ptxas inside the Triton package at {ptxas}")
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", os.devnull],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    regs = re.findall(r"Used (\d+) registers", proc.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+    if not regs:
+        raise RuntimeError(f"ptxas -v printed no register count: {proc.stderr[-2000:]}")
+    return {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0}

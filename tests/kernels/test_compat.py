@@ -34,3 +34,26 @@ def test_installer_gives_tensors_a_working_index():
         assert list(range(0, bound, 2)) == [0, 2, 4]
     finally:
         scope.restore()
+
+
+def add_one(X, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs, mask=offs < N) + 1.0, mask=offs < N)
+
+
+def test_compile_for_a_gpu_that_is_not_here():
+    """Triton's compiler and the wheel's ptxas build a kernel for sm_90 on a machine without one
+    (what ``flash_dist.bench.kernel_regs`` relies on)."""
+    from triton.runtime.jit import JITFunction
+
+    compiled = _compat.compile_for_target(JITFunction(add_one), {"X": "*fp32", "N": "i32", "BLOCK": "constexpr"},
+                                          {"BLOCK": 128}, {(0,): [["tt.divisibility", 16]]}, arch=90,
+                                          num_warps=4, num_stages=1)
+    assert ".target sm_90a" in compiled.asm["ptx"]
+    usage = _compat.ptxas_usage(compiled.asm["ptx"], 90)
+    assert 0 < usage["registers"] <= 255 and usage["spill_bytes"] == 0
+
+
+def test_ptxas_errors_are_reported():
+    with pytest.raises(RuntimeError, match="ptxas failed"):
+        _compat.ptxas_usage("this is not ptx", 90)
