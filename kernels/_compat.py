@@ -15,6 +15,11 @@ conversion is installed here. Compiled kernels are not affected.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import tempfile
+
 
 def _index(self) -> int:
     return int(self.handle.data.reshape(-1)[0])
@@ -60,11 +65,6 @@ def compile_for_target(fn, signature: dict, constexprs: dict, attrs: dict, *, ar
 def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers per thread and spill bytes of ``ptx`` for ``sm_{arch}``, as reported by the
     ``ptxas`` that ships inside the Triton wheel (``ptxas -v``)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
