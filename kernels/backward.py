@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, load_rows, load_tile,
-                     query_range, quantize_dropout, sequence_bounds, strides3, strides4, visible)
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, key_range, load_rows,
+                     load_tile, query_range, quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
 
 
@@ -192,27 +192,16 @@ def _bwd_kv_kernel(
     D_b = DELTA + b64 * stride_lb + row_q * stride_lm
     ALIBI_b = ALIBI + b64 * stride_ab
     bh0 = pid_b * H + pid_hk * GROUP
-    dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
-                           stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
-                           offs_n, start_n, offs_m0, lo, mid_lo, pid_hk, GROUP, bh0,
-                           seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
-                           seed, rng_offset, dropout_p, d_ok,
-                           BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
-                           HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-    dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
-                           stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
-                           offs_n, start_n, offs_m0, mid_lo, mid_hi, pid_hk, GROUP, bh0,
-                           seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
-                           seed, rng_offset, dropout_p, d_ok,
-                           BLOCK_M, BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT,
-                           HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-    dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
-                           stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
-                           offs_n, start_n, offs_m0, mid_hi, hi, pid_hk, GROUP, bh0,
-                           seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
-                           seed, rng_offset, dropout_p, d_ok,
-                           BLOCK_M, BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT,
-                           HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    # masked, unmasked, masked runs of query blocks (see block_run)
+    for part in tl.static_range(3):
+        run_lo, run_hi = block_run(part, lo, mid_lo, mid_hi, hi)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+                               stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
+                               offs_n, start_n, offs_m0, run_lo, run_hi, pid_hk, GROUP, bh0,
+                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
+                               seed, rng_offset, dropout_p, d_ok,
+                               BLOCK_M, BLOCK_N, EVEN_D, part != 1, HAS_LEFT, HAS_RIGHT,
+                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
              + offs_n0[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -326,21 +315,15 @@ def _bwd_q_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
                                        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
-                      offs_m, offs_n0, lo, mid_lo,
-                      seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                      seed, rng_offset, bh, dropout_p, d_ok,
-                      BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-    dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
-                      offs_m, offs_n0, mid_lo, mid_hi,
-                      seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                      seed, rng_offset, bh, dropout_p, d_ok,
-                      BLOCK_N, EVEN_D, False, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-    dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
-                      offs_m, offs_n0, mid_hi, hi,
-                      seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                      seed, rng_offset, bh, dropout_p, d_ok,
-                      BLOCK_N, EVEN_D, True, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    # masked, unmasked, masked runs of key blocks (see block_run)
+    for part in tl.static_range(3):
+        run_lo, run_hi = block_run(part, lo, mid_lo, mid_hi, hi)
+        dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
+                          offs_m, offs_n0, run_lo, run_hi,
+                          seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                          seed, rng_offset, bh, dropout_p, d_ok,
+                          BLOCK_N, EVEN_D, part != 1, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32,
+                          PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row_q * stride_dqm
              + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)

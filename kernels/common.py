@@ -87,6 +87,19 @@ def key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
+def block_run(part: tl.constexpr, lo, mid_lo, mid_hi, hi):
+    """Bounds of run ``part`` (0, 1, 2) of the block ranges from :func:`key_range` or
+    :func:`query_range`: ``[lo, mid_lo)`` masked, ``[mid_lo, mid_hi)`` unmasked, ``[mid_hi, hi)``
+    masked. ``part`` is a compile-time constant, so each run gets its own specialised loop."""
+    if part == 0:
+        return lo, mid_lo
+    elif part == 1:
+        return mid_lo, mid_hi
+    else:
+        return mid_hi, hi
+
+
+@triton.jit
 def query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, dropout_keep, key_range, quantize_dropout,
-                     sequence_bounds, strides3, strides4, visible)
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, key_range,
+                     quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import FWD, autotuned, launch, seq_bucket
 
 
@@ -135,26 +135,16 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
                                        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # masked blocks before the unmasked run (sliding window's left edge)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
-                               offs_m, offs_n0, offs_d, lo, mid_lo,
-                               seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                               seed, rng_offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
-                               offs_m, offs_n0, offs_d, mid_lo, mid_hi,
-                               seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                               seed, rng_offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
-    # masked blocks after it (causal diagonal, the ragged end of the keys)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
-                               offs_m, offs_n0, offs_d, mid_hi, hi,
-                               seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
-                               seed, rng_offset, bh, dropout_p,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+    # three runs of key blocks: masked (a sliding window's left edge), unmasked, masked (the
+    # causal diagonal, the ragged end of the keys); only the first and last pay for the mask
+    for part in tl.static_range(3):
+        run_lo, run_hi = block_run(part, lo, mid_lo, mid_hi, hi)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
+                                   offs_m, offs_n0, offs_d, run_lo, run_hi,
+                                   seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
+                                   seed, rng_offset, bh, dropout_p,
+                                   HEAD_DIM, BLOCK_N, BLOCK_D, part != 1, HAS_LEFT, HAS_RIGHT,
+                                   HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
 
     # a row with no visible key has l = 0: its output is 0 and its log-sum-exp -inf
     empty = l_i == 0.0
