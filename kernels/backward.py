@@ -3,6 +3,11 @@
 P is recomputed from Q, K and the saved log-sum-exp; nothing of size S x S is stored. Each
 output tile is owned by exactly one program (dK/dV programs loop over the query heads of their
 GQA group themselves), so no atomics are needed and gradients are bitwise reproducible.
+
+When reproducibility is not asked for (``deterministic=False``), dense inputs may instead take a
+fused path: the dK/dV kernel also multiplies its dS tile by K and adds the result into an fp32
+dQ buffer (a TMA bulk reduction on the GPU), which saves the dQ kernel's recomputation of P and
+dP (two of the backward's seven tile products).
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, key_range, load_rows,
                      load_tile, query_range, quantize_dropout, sequence_bounds, strides3, strides4, visible)
-from .tuning import BWD_KV, BWD_Q, autotuned, launch, seq_bucket
+from .tuning import BWD_KV, BWD_Q, autotuned, fused_kv_config, launch, seq_bucket
 
 
 @triton.jit
@@ -64,7 +70,7 @@ def _load_lse_log2(L_ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs_d,
                   stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
                   offs_n, start_n, offs_m0, lo, hi, pid_hk, GROUP, bh0,
                   seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
@@ -72,7 +78,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
     # One flat loop over (query block, query head of the GQA group) pairs, not a loop over heads
     # around a loop over blocks: nested, the compiler hoists the invariants of all three block
     # loops out of the head loop and keeps them live at once, and with a run-time group size the
@@ -122,6 +128,17 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
         delta = load_rows(D_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+        if FUSE_DQ:
+            # this key block's share of dQ, added into an fp32 buffer here instead of a second
+            # kernel recomputing P and dP; the order of the additions varies from run to run
+            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION)
+            if DQ_TMA:
+                # one bulk reduction by the TMA unit; rows past the sequence are clipped by it
+                DQ_ACC.atomic_add([bh0 + g, start_m, 0], tl.reshape(dq_part, [1, BLOCK_M, dq_part.shape[1]]))
+            else:
+                BLOCK_D: tl.constexpr = offs_d.shape[0]
+                tl.atomic_add(DQ_ACC + ((bh0 + g).to(tl.int64) * seqlen_q + offs_m[:, None]) * BLOCK_D
+                              + offs_d[None, :], dq_part, mask=row_ok[:, None] & d_ok)
         last = g == GROUP - 1
         q_ptrs += tl.where(last, q_wrap, stride_qh)
         do_ptrs += tl.where(last, do_wrap, stride_doh)
@@ -131,7 +148,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
 @autotuned(BWD_KV)
 @triton.jit
 def _bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, RNG, ALIBI, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, RNG, ALIBI, CU_Q, CU_K, DQ_ACC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -145,7 +162,7 @@ def _bwd_kv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_hk = tl.program_id(1)
@@ -195,13 +212,13 @@ def _bwd_kv_kernel(
     # masked, unmasked, masked runs of query blocks (see block_run)
     for part in tl.static_range(3):
         run_lo, run_hi = block_run(part, lo, mid_lo, mid_hi, hi)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b,
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs_d,
                                stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
                                offs_n, start_n, offs_m0, run_lo, run_hi, pid_hk, GROUP, bh0,
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
                                seed, rng_offset, dropout_p, d_ok,
                                BLOCK_M, BLOCK_N, EVEN_D, part != 1, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION)
+                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION, FUSE_DQ, DQ_TMA)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
              + offs_n0[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -332,8 +349,16 @@ def _bwd_q_kernel(
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window: tuple[int, int],
                        alibi_slopes=None, dropout_p: float = 0.0, rng=None, dlse=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
-                       max_seqlen_k: int = 0, dq=None, dk=None, dv=None, kv_config=None, q_config=None):
-    """Launch the three backward kernels; returns (dq, dk, dv) shaped and strided like q, k, v.
+                       max_seqlen_k: int = 0, dq=None, dk=None, dv=None, kv_config=None, q_config=None,
+                       deterministic: bool = True):
+    """Launch the backward kernels; returns (dq, dk, dv) shaped and strided like q, k, v.
+
+    ``deterministic=False`` lets dense inputs take the fused path where it is faster (see
+    :func:`~flash_dist.kernels.tuning.fused_kv_config`): the dK/dV kernel also adds each key
+    block's share of dQ into an fp32 buffer with atomic (TMA bulk) additions, and the dQ kernel,
+    which recomputes P and dP, is skipped. The additions arrive in a varying order, so dQ may
+    differ between runs at fp32 rounding. Otherwise each gradient tile has one owner and the
+    result is bitwise reproducible.
 
     ``dlse`` is the gradient flowing into the log-sum-exp output (``None`` when it is unused).
     ``dq``/``dk``/``dv`` may be given preallocated; ``kv_config``/``q_config`` (``triton.Config``)
@@ -380,8 +405,23 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))
+    fused = None if deterministic or varlen else fused_kv_config(q.dtype, head_dim, hq // hkv, seq_k)
+    if fused is not None:
+        # dQ accumulates in fp32 inside the dK/dV kernel; no dQ kernel
+        dq_acc = torch.zeros(batch * hq, seq_q, block_d, dtype=torch.float32, device=q.device)
+        tma = not INTERPRET
+        if tma:
+            dq_arg = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()),
+                                      [1, fused.kwargs["BLOCK_M"], block_d])
+        else:
+            dq_arg = dq_acc
+        launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
+               (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
+                *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
+        dq.copy_(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim].mul_(softmax_scale))
+        return dq, dk, dv
     launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
-           (q, k, v, dout, lse, delta, dk, dv, *opt, *in_strides, *strides4(dk, varlen),
+           (q, k, v, dout, lse, delta, dk, dv, *opt, dummy, *in_strides, *strides4(dk, varlen),
             *strides4(dv, varlen), *a_str, *scalars), common, kv_config)
     launch(_bwd_q_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), hq, batch),
            (q, k, v, dout, lse, delta, dq, *opt, *in_strides, *strides4(dq, varlen), *a_str, *scalars),

@@ -24,7 +24,7 @@ from .forward import attention_forward
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, dropout_p: float,
              window_left: int, window_right: int, alibi_slopes: Optional[Tensor],
-             rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+             rng: Optional[Tensor], deterministic: bool = True) -> tuple[Tensor, Tensor]:
     """Raw forward op: returns (out, lse). No argument checks; call the public functions."""
     return attention_forward(q, k, v, softmax_scale=softmax_scale, window=(window_left, window_right),
                              alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng=rng,
@@ -34,7 +34,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu
 
 @attn_fwd.register_fake
 def _attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                   dropout_p, window_left, window_right, alibi_slopes, rng):
+                   dropout_p, window_left, window_right, alibi_slopes, rng, deterministic=True):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])
     else:
@@ -47,13 +47,13 @@ def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
              max_seqlen_k: int, softmax_scale: float, dropout_p: float, window_left: int,
              window_right: int, alibi_slopes: Optional[Tensor],
-             rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+             rng: Optional[Tensor], deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Raw backward op: returns (dq, dk, dv) for the output gradient and optional lse gradient."""
     return attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
                               window=(window_left, window_right), alibi_slopes=alibi_slopes,
                               dropout_p=dropout_p, rng=rng, dlse=dlse, cu_seqlens_q=cu_seqlens_q,
                               cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                              max_seqlen_k=max_seqlen_k)
+                              max_seqlen_k=max_seqlen_k, deterministic=deterministic)
 
 
 @attn_bwd.register_fake
@@ -62,20 +62,20 @@ def _attn_bwd_fake(dout, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout_p, win_l, win_r, slopes, rng) = inputs
+    (q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout_p, win_l, win_r, slopes, rng, *rest) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, rng)
-    ctx.args = (max_q, max_k, scale, dropout_p, win_l, win_r)
+    ctx.args = (max_q, max_k, scale, dropout_p, win_l, win_r, rest[0] if rest else True)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, slopes, rng = ctx.saved_tensors
-    max_q, max_k, scale, dropout_p, win_l, win_r = ctx.args
+    max_q, max_k, scale, dropout_p, win_l, win_r, deterministic = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, dropout_p,
-                          win_l, win_r, slopes, rng)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                          win_l, win_r, slopes, rng, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -89,26 +89,27 @@ class FlashAttnFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout_p, win_l, win_r, slopes, rng):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout_p, win_l, win_r, slopes, rng,
+                deterministic):
         out, lse = attention_forward(q, k, v, softmax_scale=scale, window=(win_l, win_r), alibi_slopes=slopes,
                                      dropout_p=dropout_p, rng=rng, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                      max_seqlen_q=max_q, max_seqlen_k=max_k)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes, rng)
-        ctx.args = (max_q, max_k, scale, dropout_p, win_l, win_r)
+        ctx.args = (max_q, max_k, scale, dropout_p, win_l, win_r, deterministic)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, slopes, rng = ctx.saved_tensors
-        max_q, max_k, scale, dropout_p, win_l, win_r = ctx.args
+        max_q, max_k, scale, dropout_p, win_l, win_r, deterministic = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, window=(win_l, win_r),
                                         alibi_slopes=slopes, dropout_p=dropout_p, rng=rng, dlse=dlse,
                                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-                                        max_seqlen_k=max_k)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                        max_seqlen_k=max_k, deterministic=deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _attention(*args):
@@ -116,6 +117,12 @@ def _attention(*args):
     if torch.compiler.is_compiling():
         return attn_fwd(*args)
     return FlashAttnFunction.apply(*args)
+
+
+def _deterministic(deterministic: bool | None) -> bool:
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return bool(deterministic)
 
 
 def draw_rng(device) -> Tensor:
@@ -143,7 +150,7 @@ def _prepare(fn, q, causal, softmax_scale, dropout_p, window_size, alibi_slopes,
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                     softmax_scale: float | None = None, dropout_p: float = 0.0,
                     window_size: tuple[int, int] = (-1, -1), alibi_slopes: Tensor | None = None,
-                    return_lse: bool = False, deterministic: bool = True):
+                    return_lse: bool = False, deterministic: bool | None = None):
     """Exact attention ``softmax(q k^T * scale + bias) v`` without an S x S matrix in memory.
 
     Args:
@@ -166,9 +173,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             scores.
         return_lse: also return the log-sum-exp of the scaled scores, fp32 natural log,
             ``(batch, heads_q, seqlen_q)``; ``-inf`` for a row that sees no key. Differentiable.
-        deterministic: accepted for compatibility with flash-attn's interface. The backward
-            never uses atomics (each gradient tile has one owner), so gradients are bitwise
-            reproducible whatever this says.
+        deterministic: ``True``: every gradient tile has one owner and the backward is bitwise
+            reproducible. ``False``: on a GPU, fp16/bf16 inputs with head_dim 64 or 128, no GQA
+            and at least 8k keys take a faster backward that adds dQ with fp32 atomics, so dQ
+            may differ between runs at fp32 rounding (as with flash-attn's default). ``None``
+            (default): ``True`` exactly when ``torch.are_deterministic_algorithms_enabled()``
+            (e.g. under Lightning's ``Trainer(deterministic=True)``).
 
     Returns:
         ``out`` with q's shape and dtype (a row that sees no key is 0), or ``(out, lse)``.
@@ -178,7 +188,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     scale, window, slopes, rng = _prepare(fn, q, causal, softmax_scale, dropout_p, window_size,
                                           alibi_slopes, q.shape[0], q.shape[1])
     out, lse = _attention(q, k, v, None, None, 0, 0, scale, float(dropout_p), window[0], window[1],
-                          slopes, rng)
+                          slopes, rng, _deterministic(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -186,7 +196,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                            softmax_scale: float | None = None, dropout_p: float = 0.0,
                            window_size: tuple[int, int] = (-1, -1), alibi_slopes: Tensor | None = None,
-                           return_lse: bool = False, deterministic: bool = True):
+                           return_lse: bool = False, deterministic: bool | None = None):
     """:func:`flash_attention` over a batch of packed sequences of different lengths.
 
     Args:
@@ -208,5 +218,5 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale, window, slopes, rng = _prepare(fn, q, causal, softmax_scale, dropout_p, window_size,
                                           alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1])
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                          scale, float(dropout_p), window[0], window[1], slopes, rng)
+                          scale, float(dropout_p), window[0], window[1], slopes, rng, _deterministic(deterministic))
     return (out, lse) if return_lse else out

@@ -46,6 +46,23 @@ BWD_Q = {
     "fp32": [_c(64, 32, 4, 1), _c(32, 16, 4, 1)],
 }
 INTERPRETER_CONFIG = _c(32, 32, 4, 1)
+# dK/dV kernel that also accumulates dQ (non-deterministic backward), fp16/bf16, by head_dim;
+# the fastest of seven tiles on an H100 at 16k (BENCHMARKS.md)
+FUSED_KV = {64: _c(64, 64, 4, 3), 128: _c(64, 128, 8, 3)}
+#: the fused path measured faster only without GQA and from 8k keys on (1.05x at 16k, head_dim
+#: 64; 1.14x at head_dim 128); shorter sequences and grouped heads keep the two kernels
+FUSED_MIN_SEQ = 8192
+
+
+def fused_kv_config(dtype, head_dim: int, group: int = 1, seqlen_k: int = FUSED_MIN_SEQ) -> triton.Config | None:
+    """Config of the dK/dV kernel with dQ fused in, or None where the two kernels are faster
+    (or the fused path is not offered). Under the interpreter every dense case is fused, so the
+    CPU tests run that path too."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    if dtype not in (torch.float16, torch.bfloat16) or group != 1 or seqlen_k < FUSED_MIN_SEQ:
+        return None
+    return FUSED_KV.get(head_dim)
 
 
 def _space_key(head_dim: int, dtype) -> object:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flash_dist import flash_attention
+from flash_dist import flash_attention, flash_attention_varlen
 from flash_dist.kernels import attention_reference
 from flash_dist.kernels.backward import attention_backward
 from flash_dist.kernels.forward import attention_forward
@@ -251,3 +251,81 @@ def test_unmasked_blocks(head_dim, opts, device):
     assert_lse_close(lse, ref_lse.detach())
     for name, g, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
         assert_close(name, g, r, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two_kernels", "fused_dq"])
+@pytest.mark.parametrize("opts", [OPTIONS["plain"], OPTIONS["causal"], OPTIONS["everything"]],
+                         ids=["plain", "causal", "everything"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 64), (2, 4, 2, 17, 17, 64), (1, 2, 1, 100, 33, 40),
+                                   (1, 2, 2, 33, 100, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_both_backward_paths(shape, opts, deterministic, device):
+    torch.manual_seed(hash((shape, str(opts), deterministic)) % 2**31)
+    b, hq, hkv, sq, sk, d = shape
+    dtype = torch.float16
+    q = randn(b, hq, sq, d, dtype=dtype, device=device, requires_grad=True)
+    k = randn(b, hkv, sk, d, dtype=dtype, device=device, requires_grad=True)
+    v = randn(b, hkv, sk, d, dtype=dtype, device=device, requires_grad=True)
+    kw = _options(opts, hq, device=device)
+    out = flash_attention(q, k, v, deterministic=deterministic, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, _ = attention_reference(q64, k64, v64, **kw)
+    ref.backward(dout.double())
+    for name, g, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[dtype])
+
+
+def _backward_flag(monkeypatch, device, **kw):
+    """The ``deterministic`` flag one flash_attention backward hands to the launcher."""
+    from flash_dist.kernels import ops
+
+    flags = []
+    real = ops.attention_backward
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention_backward", spy)
+    q, k, v = (torch.randn(1, 2, 20, 64, device=device, requires_grad=True) for _ in range(3))
+    flash_attention(q, k, v, causal=True, **kw).sum().backward()
+    assert len(flags) == 1
+    return flags[0]
+
+
+def test_deterministic_follows_torch_by_default(monkeypatch, device):
+    assert _backward_flag(monkeypatch, device, deterministic=True) is True
+    assert _backward_flag(monkeypatch, device, deterministic=False) is False
+    assert _backward_flag(monkeypatch, device) is False
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _backward_flag(monkeypatch, device) is True
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, 20 rows are below the fused path's threshold")
+def test_fused_path_skips_the_dq_kernel(monkeypatch):
+    from flash_dist.kernels import backward
+
+    names = []
+    real = backward.launch
+    monkeypatch.setattr(backward, "launch", lambda kernel, *a, **kw: names.append(kernel.fn.__name__) or real(kernel, *a, **kw))
+    q, k, v = (torch.randn(1, 2, 20, 64, requires_grad=True) for _ in range(3))
+    flash_attention(q, k, v, causal=True, deterministic=False).sum().backward()
+    assert names == ["_bwd_kv_kernel"]
+    names.clear()
+    flash_attention(q, k, v, causal=True, deterministic=True).sum().backward()
+    assert names == ["_bwd_kv_kernel", "_bwd_q_kernel"]
+
+
+def test_varlen_keeps_two_kernels(monkeypatch, device):
+    from flash_dist.kernels import backward
+
+    fused = []
+    monkeypatch.setattr(backward, "fused_kv_config", lambda *a: fused.append(a) or None)
+    q, k, v = (torch.randn(20, 2, 64, device=device, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+    flash_attention_varlen(q, k, v, cu, cu, 13, 13, causal=True, deterministic=False).sum().backward()
+    assert fused == []

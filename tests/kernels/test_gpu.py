@@ -127,3 +127,31 @@ def test_every_autotune_candidate_is_exact(dtype, head_dim, fwd_cfg, kv_cfg, q_c
     assert_lse_close(lse, ref_lse.detach())
     for name, g, r in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
         assert_close(name, g, r, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("case", [(1, 2, 2, 8192, 8192, 64, {"causal": True}),
+                                  (1, 2, 2, 9001, 9001, 128, {"causal": True}),
+                                  (1, 2, 2, 8000, 8300, 64, {"causal": True, "window_size": (700, -1)}),
+                                  (2, 2, 2, 8193, 8193, 64, {})],
+                         ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_fused_dq_backward(case, monkeypatch):
+    """The non-deterministic backward (dQ added by TMA bulk reductions in the dK/dV kernel)."""
+    from flash_dist.kernels import backward
+
+    fused = []
+    real = backward.fused_kv_config
+    monkeypatch.setattr(backward, "fused_kv_config", lambda *a: fused.append(real(*a)) or fused[-1])
+    b, hq, hkv, sq, sk, d, opts = case
+    torch.manual_seed(sq + d)
+    q = torch.randn(b, hq, sq, d, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    k = torch.randn(b, hkv, sk, d, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    v = torch.randn(b, hkv, sk, d, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out = flash_attention(q, k, v, deterministic=False, **opts)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert fused and fused[0] is not None, "the fused path was not taken"
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, _ = attention_reference(q64, k64, v64, **opts)
+    ref.backward(dout.double())
+    assert_matches_reference(out, None, (q.grad, k.grad, v.grad), ref, None, (q64.grad, k64.grad, v64.grad),
+                             torch.bfloat16)
