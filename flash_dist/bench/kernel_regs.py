@@ -74,7 +74,8 @@ def signature(fn, args: tuple, kwargs: dict, config_kwargs: dict) -> tuple[dict,
     values = {**dict(zip(fn.arg_names, args)), **kwargs, **config_kwargs}
     sig, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        value = values[name]
+        # a constexpr the launcher leaves out (e.g. FUSE_DQ) keeps its default, as in the JIT
+        value = values[name] if name in values else param.default
         if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
             sig[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
