@@ -15,6 +15,8 @@ from flash_dist.kernels.cross_entropy import (ce_loss_grad_, cross_entropy_loss_
                                               launch_ce_loss_grad)
 from flash_dist.losses import linear_cross_entropy
 
+from ..test_losses import reference as lce_reference
+
 # ||grad - ref|| / ||ref||: the gradient is rounded to the logits' dtype (bf16: 2^-9 relative on
 # average, fp16: 2^-12), fp32 only reorders sums and rounds exp2
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -182,15 +184,6 @@ def test_device_errors():
 def kernel_path(monkeypatch):
     """Send linear_cross_entropy's CPU tensors through the kernel (the interpreter) as on CUDA."""
     monkeypatch.setattr(losses, "_kernel_path", lambda hidden: True)
-
-
-def lce_reference(h, w, y, reduction):
-    """float64 loss and gradients of F.cross_entropy(h @ w.T, y), on the device of the inputs."""
-    h64 = h.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_()
-    loss = F.cross_entropy(h64 @ w64.T, y, ignore_index=-100, reduction=reduction)
-    loss.backward()
-    return loss.detach(), h64.grad, w64.grad
 
 
 def lce_inputs(n, d, v, dtype, seed, device, ignore_frac=0.25):
