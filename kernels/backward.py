@@ -362,7 +362,8 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
 
     ``dlse`` is the gradient flowing into the log-sum-exp output (``None`` when it is unused).
     ``dq``/``dk``/``dv`` may be given preallocated; ``kv_config``/``q_config`` (``triton.Config``)
-    bypass autotuning of the dK/dV and dQ kernels.
+    bypass autotuning of the dK/dV and dQ kernels (the fused path has its own fixed config,
+    ``tuning.FUSED_KV``, and ignores them).
     """
     varlen = cu_seqlens_q is not None
     if varlen:
