@@ -121,7 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     impls = [s for s in a.impls.split(",") if s]
     bad = [s for s in impls if s not in IMPLS]
     if bad:
-        p.error(f"unknown impls {bad}; choose from {', '.join(IMPLS)}")
+        p.error(f"--impls: unknown {bad}; choose from {', '.join(IMPLS)}")
+    for name in ("tokens", "features", "vocab", "chunk_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(a, name)}")
+    if a.block_n is not None and (a.block_n < 16 or a.block_n & (a.block_n - 1)):
+        p.error(f"--block-n: must be a power of two >= 16 (a Triton tile), got {a.block_n}")
+    if a.num_warps is not None and a.num_warps not in (1, 2, 4, 8, 16, 32):
+        p.error(f"--num-warps: must be one of 1, 2, 4, 8, 16, 32, got {a.num_warps}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
 
