@@ -14,15 +14,7 @@ import argparse
 
 import torch
 
-
-def parse_shape(text: str) -> tuple[int, int, int, int, int]:
-    """``BxHxSxD`` or ``BxHQ:HKVxSxD`` -> (B, HQ, HKV, S, D)."""
-    try:
-        b, h, s, d = text.lower().split("x")
-        hq, hkv = (h.split(":") + [h])[:2]
-        return int(b), int(hq), int(hkv), int(s), int(d)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes: expected BxHxSxD or BxHQ:HKVxSxD, got {text!r}") from None
+from flash_dist.bench.kernel_ab import parse_shapes
 
 
 def measure(b: int, hq: int, hkv: int, s: int, d: int) -> dict:
@@ -52,7 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default="1x12x16384x64,2x32:8x8192x64,1x16x16384x128,2x32:8x8192x128,"
                    "16x12x1024x64,4x12x4096x64", help="comma-separated BxHxSxD or BxHQ:HKVxSxD")
     args = p.parse_args(argv)
-    shapes = [parse_shape(t) for t in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; causal bf16 backward")
