@@ -148,6 +148,16 @@ def test_timeline_gaps_counts_idle_time_once_across_overlapping_kernels():
     assert timeline_gaps([]) == (0.0, 0.0, 0)
 
 
+def test_idle_before_charges_each_gap_to_the_kernel_that_ends_it():
+    from flash_dist.bench.training import idle_before
+
+    # a 0-10, b 5-12 (overlapping: no gap), c 15-20 (3 idle), a 21-30 (1 idle), c 34-35 (4 idle)
+    waits = idle_before([(15.0, 20.0, "c"), (0.0, 10.0, "a"), (5.0, 12.0, "b"), (21.0, 30.0, "a"),
+                         (34.0, 35.0, "c")])
+    assert waits == {"c": (7.0, 2), "a": (1.0, 1)}
+    assert idle_before([]) == {}
+
+
 def test_training_bench_rejects_a_bad_loss_chunk_size(capsys):
     from flash_dist.bench.training import main
 

@@ -10,7 +10,8 @@ Implementations (``--impls``): ``flash_dist`` (eager), ``flash_dist_compile`` (e
 fused output layer + loss through ``torch.compile``, as ``FlashStrategy(compile=True)`` does),
 ``hf_sdpa`` and ``hf_sdpa_compile`` (the HF model's blocks compiled the same way).
 ``--profile SEQ`` prints where the GPU time of one step goes, kernel by kernel, for each impl,
-and how much of the step's GPU timeline sat idle. ``--loss-chunk-size`` sets the tokens per chunk
+and how much of the step's GPU timeline sat idle, and before which kernels; ``--trace DIR`` also
+writes a Chrome trace of each profiled step. ``--loss-chunk-size`` sets the tokens per chunk
 of flash-dist's fused output layer + loss.
 Run: ``python -m flash_dist.bench.training --seq 1024,4096,16384``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -62,17 +64,42 @@ def timeline_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float, i
     return end - intervals[0][0], idle, gaps
 
 
-def profile_step(name: str, step, rows: int = 25) -> None:
+def idle_before(kernels: list[tuple[float, float, str]]) -> dict[str, tuple[float, int]]:
+    """Idle GPU time charged to the kernel that ended each gap: ``{name: (idle, gaps)}``.
+
+    ``kernels`` are (start, end, name). A kernel that repeatedly waits for its launch (the host
+    is behind, or a synchronisation precedes it) collects the idle time in front of it.
+    """
+    out: dict[str, tuple[float, int]] = {}
+    if not kernels:
+        return out
+    kernels = sorted(kernels)
+    end = kernels[0][1]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            idle, n = out.get(name, (0.0, 0))
+            out[name] = (idle + start - end, n + 1)
+        end = max(end, stop)
+    return out
+
+
+def profile_step(name: str, step, rows: int = 25, trace: str | None = None) -> None:
     """One profiled step after warm-up: the kernels that took the GPU's time, largest first, and
-    how much of the step's GPU timeline was idle (host launch gaps, synchronisations)."""
+    how much of the step's GPU timeline was idle (host launch gaps, synchronisations), with the
+    kernels that waited longest. ``trace``: also record the host side and write a Chrome trace
+    (open it in Perfetto) to that file."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"--- {name}: Chrome trace written to {trace}", flush=True)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     events.sort(key=lambda e: -e.self_device_time_total)
@@ -80,15 +107,18 @@ def profile_step(name: str, step, rows: int = 25) -> None:
     for e in events[:rows]:
         print(f"{e.self_device_time_total / 1e3:8.2f} ms {100 * e.self_device_time_total / total:5.1f}% "
               f"{e.count:5d}x  {e.key[:110]}", flush=True)
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
-    span, idle, gaps = timeline_gaps(kernels)
+    span, idle, gaps = timeline_gaps([k[:2] for k in kernels])
     print(f"--- {name}: GPU timeline {span / 1e3:.1f} ms from first to last kernel, idle {idle / 1e3:.2f} ms "
-          f"in {gaps} gaps", flush=True)
+          f"in {gaps} gaps; the kernels that waited longest:", flush=True)
+    waits = sorted(idle_before(kernels).items(), key=lambda kv: -kv[1][0])
+    for kname, (wait, n) in waits[:10]:
+        print(f"{wait / 1e3:8.3f} ms idle before {n:4d}x  {kname[:110]}", flush=True)
 
 
 def measure(name: str, build, seq: int, flops_per_token: float, peak_tflops: float,
-            profile: bool = False) -> dict:
+            profile: bool = False, trace: str | None = None) -> dict:
     from triton.testing import do_bench
 
     torch.cuda.empty_cache()
@@ -101,7 +131,7 @@ def measure(name: str, build, seq: int, flops_per_token: float, peak_tflops: flo
         step()
         torch.cuda.synchronize()
         if profile:
-            profile_step(f"{name} seq {seq}", step)
+            profile_step(f"{name} seq {seq}", step, trace=trace)
         torch.cuda.reset_peak_memory_stats()
         ms = do_bench(step, warmup=200, rep=1000, return_mode="median")
         row.update(step_ms=ms, tokens_per_s=seq / ms * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -126,6 +156,8 @@ def main(argv=None) -> None:
     p.add_argument("--impls", default="flash_dist,flash_dist_compile,hf_sdpa",
                    help="comma-separated: flash_dist, flash_dist_compile, hf_sdpa, hf_sdpa_compile")
     p.add_argument("--profile", default="", help="comma-separated context lengths to profile (kernel table per impl)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="with --profile: also write a Chrome trace (host and GPU) of each profiled step to DIR")
     p.add_argument("--loss-chunk-size", type=int, default=None,
                    help="tokens per chunk of flash-dist's fused output layer + loss (default: the model's, 1024)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the card (H100/H200 SXM: 989)")
@@ -159,7 +191,12 @@ def main(argv=None) -> None:
         for impl in args.impls.split(","):
             if impl not in IMPLS:
                 p.error(f"--impls: unknown {impl!r}; choose from {', '.join(IMPLS)}")
-            rows.append(measure(impl, lambda: build(impl), seq, flops, args.peak_tflops, profile=profile))
+            trace = None
+            if profile and args.trace:
+                os.makedirs(args.trace, exist_ok=True)
+                trace = os.path.join(args.trace, f"{impl}-{seq}.json")
+            rows.append(measure(impl, lambda: build(impl), seq, flops, args.peak_tflops, profile=profile,
+                                trace=trace))
             r = rows[-1]
             print(f"{r['impl']:18s} seq {seq:6d}: " + (r["error"] if "error" in r else
                   f"{r['step_ms']:8.2f} ms  {r['tokens_per_s'] / 1e3:7.1f}k tok/s  MFU {r['mfu']:.3f}  "
