@@ -78,8 +78,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-                  TMA_LOADS: tl.constexpr, q_row0, do_row0, l_row0, stride_qd, stride_dod):
+                  PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
     # One flat loop over (query block, query head of the GQA group) pairs, not a loop over heads
     # around a loop over blocks: nested, the compiler hoists the invariants of all three block
     # loops out of the head loop and keeps them live at once, and with a run-time group size the
@@ -88,11 +87,10 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
     h0 = pid_hk * GROUP
     # the tile pointers advance by one head, and after the last head of the group by one block
     # back to the first head: the same increments as a plain block loop when GROUP == 1
-    if not TMA_LOADS:
-        q_ptrs = Q_tile + h0.to(tl.int64) * stride_qh + lo.to(tl.int64) * stride_qm
-        do_ptrs = DO_tile + h0.to(tl.int64) * stride_doh + lo.to(tl.int64) * stride_dom
-        q_wrap = BLOCK_M * stride_qm - (GROUP - 1) * stride_qh.to(tl.int64)
-        do_wrap = BLOCK_M * stride_dom - (GROUP - 1) * stride_doh.to(tl.int64)
+    q_ptrs = Q_tile + h0.to(tl.int64) * stride_qh + lo.to(tl.int64) * stride_qm
+    do_ptrs = DO_tile + h0.to(tl.int64) * stride_doh + lo.to(tl.int64) * stride_dom
+    q_wrap = BLOCK_M * stride_qm - (GROUP - 1) * stride_qh.to(tl.int64)
+    do_wrap = BLOCK_M * stride_dom - (GROUP - 1) * stride_doh.to(tl.int64)
     for it in range(0, n_iter):
         g = it % GROUP
         start_m = lo + (it // GROUP) * BLOCK_M
@@ -100,20 +98,10 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
         h64 = pid_h.to(tl.int64)
         offs_m = start_m + offs_m0
         row_ok = offs_m < seqlen_q
-        if TMA_LOADS:
-            # the TMA unit computes the addresses: no per-thread pointer tiles, which at 255
-            # registers spilled; coordinates as set up by attention_backward (_tma_rows)
-            q = Q_tile.load([q_row0 + pid_h * stride_qh + start_m, pid_h * stride_qd])
-            lse = tl.reshape(L_b.load([l_row0 + pid_h, start_m]), [BLOCK_M])
-            if MASKED:
-                # rows past the sequence (zero-filled, or the next head's) and empty rows: P = 0
-                lse = tl.where(row_ok & (lse != float("-inf")), lse, float("inf"))
-            lse = lse * 1.4426950408889634
-        else:
-            q = load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
-            lse = _load_lse_log2(L_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
+        q = load_tile(q_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             q = q.to(tl.float32)
+        lse = _load_lse_log2(L_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         # transposed tiles (keys x queries) so dK and dV accumulate without a transpose
         sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
@@ -124,10 +112,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
                          HAS_LEFT, HAS_RIGHT)
             sT = tl.where(ok, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
-        if TMA_LOADS:
-            do = DO_tile.load([do_row0 + pid_h * stride_doh + start_m, pid_h * stride_dod])
-        else:
-            do = load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
+        do = load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
         if DOT_FP32:
             do = do.to(tl.float32)
         if HAS_DROPOUT:
@@ -140,10 +125,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
-        if TMA_LOADS:
-            delta = tl.reshape(D_b.load([l_row0 + pid_h, start_m]), [BLOCK_M])
-        else:
-            delta = load_rows(D_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
+        delta = load_rows(D_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
         if FUSE_DQ:
@@ -157,10 +139,9 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
                 BLOCK_D: tl.constexpr = offs_d.shape[0]
                 tl.atomic_add(DQ_ACC + ((bh0 + g).to(tl.int64) * seqlen_q + offs_m[:, None]) * BLOCK_D
                               + offs_d[None, :], dq_part, mask=row_ok[:, None] & d_ok)
-        if not TMA_LOADS:
-            last = g == GROUP - 1
-            q_ptrs += tl.where(last, q_wrap, stride_qh)
-            do_ptrs += tl.where(last, do_wrap, stride_doh)
+        last = g == GROUP - 1
+        q_ptrs += tl.where(last, q_wrap, stride_qh)
+        do_ptrs += tl.where(last, do_wrap, stride_doh)
     return dk, dv
 
 
@@ -182,7 +163,6 @@ def _bwd_kv_kernel(
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
-    TMA_LOADS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_hk = tl.program_id(1)
@@ -221,21 +201,12 @@ def _bwd_kv_kernel(
     lo, mid_lo, mid_hi, hi = query_range(start_n, seqlen_q, seqlen_k, win_left, win_right,
                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # GQA: this program owns dK/dV of one KV head and sums over the query heads of its group
-    if TMA_LOADS:
-        # Q, DO, LSE, DELTA are tensor descriptors; the q/do strides count rows and columns of
-        # their 2-D views (see _tma_rows), lse/delta are (B * H, S)
-        Q_tile, DO_tile, L_b, D_b = Q, DO, LSE, DELTA
-        q_row0 = pid_b * stride_qb
-        do_row0 = pid_b * stride_dob
-        l_row0 = pid_b * H
-    else:
-        Q_tile = (Q + b64 * stride_qb + row_q * stride_qm
-                  + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-        DO_tile = (DO + b64 * stride_dob + row_q * stride_dom
-                   + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
-        L_b = LSE + b64 * stride_lb + row_q * stride_lm
-        D_b = DELTA + b64 * stride_lb + row_q * stride_lm
-        q_row0, do_row0, l_row0 = 0, 0, 0
+    Q_tile = (Q + b64 * stride_qb + row_q * stride_qm
+              + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    DO_tile = (DO + b64 * stride_dob + row_q * stride_dom
+               + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+    L_b = LSE + b64 * stride_lb + row_q * stride_lm
+    D_b = DELTA + b64 * stride_lb + row_q * stride_lm
     ALIBI_b = ALIBI + b64 * stride_ab
     bh0 = pid_b * H + pid_hk * GROUP
     # masked, unmasked, masked runs of query blocks (see block_run)
@@ -247,8 +218,7 @@ def _bwd_kv_kernel(
                                seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
                                seed, rng_offset, dropout_p, d_ok,
                                BLOCK_M, BLOCK_N, EVEN_D, part != 1, HAS_LEFT, HAS_RIGHT,
-                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION, FUSE_DQ, DQ_TMA,
-                               TMA_LOADS, q_row0, do_row0, l_row0, stride_qd, stride_dod)
+                               HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION, FUSE_DQ, DQ_TMA)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
              + offs_n0[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -376,34 +346,6 @@ def _bwd_q_kernel(
              + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-def _tma_rows(x: torch.Tensor, block_m: int):
-    """A 2-D view of a ``(B, H, S, D)`` tensor for TMA loads of ``block_m`` x D tiles, or None.
-
-    Returns ``(descriptor, strides)``. The view's rows are ``x.stride(2)`` elements apart, and
-    element (b, h, s, d) sits at row ``b * RB + h * RH + s``, column ``h * CH + d``; ``strides``
-    = (RB, RH, 1, CH) replace x's four strides in the kernel call. Heads outside the sequence
-    (``(B, H, S, D)`` contiguous) give RH = S, CH = 0; heads inside it (``(B, S, H, D)``, GPT-2's
-    fused q/k/v projection) give RH = 0, CH = stride_h. Other layouts, or strides TMA cannot
-    address (multiples of 16 bytes), get None: the kernel then loads through pointers.
-    """
-    batch, heads, seq, dim = x.shape
-    sb, sh, ss, sd = x.stride()
-    sb, sh = (sb if batch > 1 else 0), (sh if heads > 1 else 0)
-    item = x.element_size()
-    if sd != 1 or ss < dim or (ss * item) % 16 or x.data_ptr() % 16 or sb % ss:
-        return None
-    if sh % ss == 0:
-        row_h, col_h = sh // ss, 0
-    elif (sh * item) % 16 == 0 and (heads - 1) * sh + dim <= ss:
-        row_h, col_h = 0, sh
-    else:
-        return None
-    rows = (batch - 1) * (sb // ss) + (heads - 1) * row_h + seq
-    cols = (heads - 1) * col_h + dim
-    desc = TensorDescriptor(x, [rows, cols], [ss, 1], [block_m, triton.next_power_of_2(dim)])
-    return desc, (sb // ss, row_h, 1, col_h)
-
-
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window: tuple[int, int],
                        alibi_slopes=None, dropout_p: float = 0.0, rng=None, dlse=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
@@ -468,26 +410,15 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     if fused is not None:
         # dQ accumulates in fp32 inside the dK/dV kernel; no dQ kernel
         dq_acc = torch.zeros(batch * hq, seq_q, block_d, dtype=torch.float32, device=q.device)
-        block_m = fused.kwargs["BLOCK_M"]
         tma = not INTERPRET
         if tma:
-            dq_arg = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, block_d])
+            dq_arg = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()),
+                                      [1, fused.kwargs["BLOCK_M"], block_d])
         else:
             dq_arg = dq_acc
-        q_in, do_in, lse_in, delta_in = q, dout, lse, delta
-        q_tma, do_tma = _tma_rows(q, block_m), _tma_rows(dout, block_m)
-        # lse and delta are contiguous (B, H, S): rows of S, which TMA needs 16-byte aligned
-        tma_loads = q_tma is not None and do_tma is not None and (seq_q * 4) % 16 == 0
-        if tma_loads:
-            q_in, do_in = q_tma[0], do_tma[0]
-            lse_in, delta_in = (TensorDescriptor(t, [batch * hq, seq_q], [seq_q, 1], [1, block_m])
-                                for t in (lse, delta))
-            in_strides = (*q_tma[1], *strides4(k, varlen), *strides4(v, varlen), *do_tma[1],
-                          *strides3(lse, varlen))
         launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
-               (q_in, k, v, do_in, lse_in, delta_in, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
-                *strides4(dv, varlen), *a_str, *scalars),
-               {**common, "FUSE_DQ": True, "DQ_TMA": tma, "TMA_LOADS": tma_loads}, fused)
+               (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
+                *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
         dq.copy_(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim].mul_(softmax_scale))
         return dq, dk, dv
     launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
