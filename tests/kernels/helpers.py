@@ -43,3 +43,33 @@ def assert_matches_reference(out, lse, grads, ref, ref_lse, ref_grads, dtype):
         assert_lse_close(lse, ref_lse.detach())
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(name, g, r, GRAD_TOL[dtype])
+
+
+#: memory layouts of (B, H, S, D) attention inputs: "bhsd" contiguous, "bshd" (Hugging Face's
+#: transposed view), "qkv" (slices of GPT-2's fused projection, (B, S, 3, H, D)), "dmajor" (the head
+#: dim not contiguous)
+LAYOUTS = ("bhsd", "bshd", "qkv", "dmajor")
+
+
+_LEAF_SHAPE = {"bhsd": lambda b, h, s, d: (3, b, h, s, d), "bshd": lambda b, h, s, d: (3, b, s, h, d),
+               "qkv": lambda b, h, s, d: (b, s, 3, h, d), "dmajor": lambda b, h, s, d: (3, b, h, d, s)}
+
+
+def layout_views(layout, leaf):
+    """(q, k, v) of shape (B, H, S, D): views of ``leaf`` (made by :func:`qkv_in_layout`)."""
+    if layout == "bhsd":
+        return tuple(leaf.unbind(0))
+    if layout == "bshd":
+        return tuple(t.transpose(1, 2) for t in leaf.unbind(0))
+    if layout == "qkv":
+        return tuple(t.transpose(1, 2) for t in leaf.unbind(2))
+    return tuple(t.transpose(-1, -2) for t in leaf.unbind(0))
+
+
+def qkv_in_layout(layout, b, h, s, d, dtype, device):
+    """A leaf tensor holding q, k and v in ``layout`` and the three (B, H, S, D) views of it;
+    gradients are compared on the leaf."""
+    if layout not in _LEAF_SHAPE:
+        raise ValueError(f"layout: unknown {layout!r}; choose from {', '.join(LAYOUTS)}")
+    leaf = randn(*_LEAF_SHAPE[layout](b, h, s, d), dtype=dtype, device=device, requires_grad=True)
+    return leaf, layout_views(layout, leaf)

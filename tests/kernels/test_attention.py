@@ -10,7 +10,8 @@ from flash_dist.kernels import attention_reference
 from flash_dist.kernels.backward import attention_backward
 from flash_dist.kernels.forward import attention_forward
 
-from .helpers import GRAD_TOL, TOL, assert_close, assert_lse_close, leaf64, randn
+from .helpers import (GRAD_TOL, LAYOUTS, TOL, assert_close, assert_lse_close, layout_views, leaf64, qkv_in_layout,
+                      randn)
 
 CPU_DTYPES = [torch.float32, torch.float16]  # bf16 dots are broken in the interpreter: GPU only
 DTYPES = CPU_DTYPES + ([torch.bfloat16] if torch.cuda.is_available() else [])
@@ -318,6 +319,27 @@ def test_fused_path_skips_the_dq_kernel(monkeypatch):
     names.clear()
     flash_attention(q, k, v, causal=True, deterministic=True).sum().backward()
     assert names == ["_bwd_kv_kernel", "_bwd_q_kernel"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, these sizes are below the fused path's threshold")
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("seq", [64, 100, 17])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_backward_reads_every_layout(layout, seq, causal):
+    """The fused backward (dQ added inside the dK/dV kernel) on q/k/v in every memory layout:
+    contiguous, transposed, slices of a fused projection, head dim not contiguous; 100 and 17
+    rows end in partial blocks."""
+    torch.manual_seed(seq)
+    dtype = torch.float16
+    leaf, (q, k, v) = qkv_in_layout(layout, 2, 2, seq, 64, dtype, "cpu")
+    out = flash_attention(q, k, v, causal=causal, deterministic=False)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    leaf_ref, = leaf64(leaf)
+    ref, _ = attention_reference(*layout_views(layout, leaf_ref), causal=causal)
+    ref.backward(dout.double())
+    assert_close("out", out, ref, TOL[dtype])
+    assert_close("dqkv", leaf.grad, leaf_ref.grad, GRAD_TOL[dtype])
 
 
 def test_varlen_keeps_two_kernels(monkeypatch, device):
