@@ -38,21 +38,30 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
         if DOT_FP32:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        # exp2: the softmax scale is folded together with log2(e) into qk_scale
-        s = qk * qk_scale
-        if HAS_ALIBI:
-            s += alibi_bias(slope_log2, offs_m[:, None], offs_n[None, :], shift)
         if MASKED:
             ok = visible(offs_m[:, None], offs_n[None, :], seqlen_k, shift, win_left, win_right,
                          HAS_LEFT, HAS_RIGHT)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # exp2: the softmax scale is folded together with log2(e) into qk_scale
+        if HAS_ALIBI:
+            s = qk * qk_scale + alibi_bias(slope_log2, offs_m[:, None], offs_n[None, :], shift)
+            if MASKED:
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        else:
+            if MASKED:
+                qk = tl.where(ok, qk, float("-inf"))
+            # qk_scale > 0 (attention_forward makes it so): the row maximum of qk, scaled, is the
+            # maximum of the scores, and the scaling joins the shift below in one FMA per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MASKED:
             # a row that has seen no visible key yet keeps m = -inf; shift by 0 instead of NaN
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+        if HAS_ALIBI:
+            p = tl.math.exp2(s - m_new_safe[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
@@ -181,6 +190,11 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         hkv, seq_k = k.shape[1], k.shape[2]
     if out is None:
         out = torch.empty_like(q)
+    if softmax_scale <= 0:
+        # the kernel needs a positive scale (it scales the row maximum); the scores q k^T * scale
+        # are the same with q negated (or zeroed) and a positive scale
+        q = -q if softmax_scale < 0 else torch.zeros_like(q)
+        softmax_scale = -softmax_scale if softmax_scale < 0 else 1.0
     if lse is None:
         lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, seq_q)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)

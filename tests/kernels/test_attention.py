@@ -198,6 +198,27 @@ def test_default_scale_is_inverse_sqrt_head_dim(device):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("opts", [{}, {"causal": True}, {"causal": True, "alibi": True}], ids=["plain", "causal", "alibi"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_negative_and_zero_softmax_scale(scale, opts, device):
+    """The forward kernel scales the row maximum, which needs a positive scale; other scales are
+    mapped onto it (q negated or zeroed) and must give the reference's output, lse and gradients."""
+    torch.manual_seed(6)
+    dtype = torch.float32
+    q, k, v = (randn(2, 2, 37, 32, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    kw = _options(opts, 2, device=device)
+    out, lse = flash_attention(q, k, v, softmax_scale=scale, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, ref_lse = attention_reference(q64, k64, v64, softmax_scale=scale, **kw)
+    ref.backward(dout.double())
+    assert_close("out", out, ref, TOL[dtype])
+    assert_lse_close(lse, ref_lse.detach())
+    for name, g, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[dtype])
+
+
 def test_backward_accepts_a_sliced_lse(device):
     """A ring-attention chunk passes a slice of the merged lse: the backward must not misread it."""
     torch.manual_seed(6)
