@@ -73,7 +73,7 @@ def _load_lse_log2(L_ptrs, mask, MASKED: tl.constexpr):
 def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs_d,
                   stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
                   offs_n, start_n, offs_m0, lo, hi, pid_hk, GROUP, bh0,
-                  seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, sm_scale,
+                  seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
                   seed, rng_offset, dropout_p, d_ok,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -126,9 +126,7 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
         if HAS_DROPOUT:
             dpT = tl.where(keepT, dpT * scale_keep, 0.0)
         delta = load_rows(D_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
-        # dS carries the softmax scale (dS = P (dP - Delta) * scale, one FMA and one multiply per
-        # element, as unscaled): dK and dQ then come out of their products final
-        dsT = pT * (dpT * sm_scale - (delta * sm_scale)[None, :])
+        dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
         if FUSE_DQ:
             # this key block's share of dQ, added into an fp32 buffer here instead of a second
@@ -217,10 +215,11 @@ def _bwd_kv_kernel(
         dk, dv = _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs_d,
                                stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_ah,
                                offs_n, start_n, offs_m0, run_lo, run_hi, pid_hk, GROUP, bh0,
-                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale, sm_scale,
+                               seqlen_q, seqlen_k, shift, win_left, win_right, qk_scale,
                                seed, rng_offset, dropout_p, d_ok,
                                BLOCK_M, BLOCK_N, EVEN_D, part != 1, HAS_LEFT, HAS_RIGHT,
                                HAS_ALIBI, HAS_DROPOUT, DOT_FP32, PRECISION, FUSE_DQ, DQ_TMA)
+    dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + row_k * stride_dkn
              + offs_n0[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + row_k * stride_dvn
@@ -230,7 +229,7 @@ def _bwd_kv_kernel(
 @triton.jit
 def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
                  offs_m, offs_n0, lo, hi,
-                 seqlen_k, shift, win_left, win_right, qk_scale, sm_scale, slope_log2,
+                 seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                  seed, rng_offset, bh, dropout_p, d_ok,
                  BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -258,8 +257,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        # delta arrives multiplied by the softmax scale: dS is scaled, as in _bwd_kv_inner
-        ds = p * (dp * sm_scale - delta[:, None])
+        ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -315,7 +313,7 @@ def _bwd_q_kernel(
         do = do.to(tl.float32)
     l_off = b64 * stride_lb + h64 * stride_lh + row_q * stride_lm + offs_m0 * stride_lm
     lse = _load_lse_log2(LSE + l_off, row_ok, True)
-    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0) * sm_scale
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     k_start64 = k_start.to(tl.int64)
     K_tile = (K + b64 * stride_kb + pid_hk.to(tl.int64) * stride_kh + k_start64 * stride_kn
               + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd)
@@ -339,10 +337,11 @@ def _bwd_q_kernel(
         run_lo, run_hi = block_run(part, lo, mid_lo, mid_hi, hi)
         dq = _bwd_q_inner(dq, q, do, lse, delta, K_tile, V_tile, stride_kn, stride_vn,
                           offs_m, offs_n0, run_lo, run_hi,
-                          seqlen_k, shift, win_left, win_right, qk_scale, sm_scale, slope_log2,
+                          seqlen_k, shift, win_left, win_right, qk_scale, slope_log2,
                           seed, rng_offset, bh, dropout_p, d_ok,
                           BLOCK_N, EVEN_D, part != 1, HAS_LEFT, HAS_RIGHT, HAS_ALIBI, HAS_DROPOUT, DOT_FP32,
                           PRECISION)
+    dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row_q * stride_dqm
              + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
@@ -420,7 +419,7 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
         launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
                (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
                 *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
-        dq.copy_(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim])
+        dq.copy_(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim].mul_(softmax_scale))
         return dq, dk, dv
     launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
            (q, k, v, dout, lse, delta, dk, dv, *opt, dummy, *in_strides, *strides4(dk, varlen),
