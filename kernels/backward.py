@@ -419,7 +419,8 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
         launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
                (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
                 *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
-        dq.copy_(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim].mul_(softmax_scale))
+        # scale and cast in one pass, written into dq's own strides
+        torch.mul(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim], softmax_scale, out=dq)
         return dq, dk, dv
     launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
            (q, k, v, dout, lse, delta, dk, dv, *opt, dummy, *in_strides, *strides4(dk, varlen),
