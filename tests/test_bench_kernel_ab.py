@@ -11,13 +11,14 @@ import pytest
 import flash_dist.kernels
 
 
-def test_kernel_ab_against_a_copy_of_itself(tmp_path):
+@pytest.mark.parametrize("backward", ["deterministic", "fused"])
+def test_kernel_ab_against_a_copy_of_itself(tmp_path, backward):
     base = tmp_path / "kernels"
     shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
+                           "--backward", backward], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the same kernels from two packages give identical gradients, with and without GQA
     assert proc.stdout.count("max rel. diff of gradients 0.0e+00") == 2, proc.stdout
@@ -31,6 +32,20 @@ def test_shapes_with_and_without_grouped_query_heads(bad, words):
     assert parse_shapes("4x32x16384x64,1x32:8x8192x128") == [(4, 32, 32, 16384, 64), (1, 32, 8, 8192, 128)]
     with pytest.raises(SystemExit, match=words):
         parse_shapes(bad)
+
+
+def test_kernel_ab_refuses_the_fused_backward_of_a_baseline_without_one(tmp_path):
+    base = tmp_path / "kernels"
+    shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    # an old baseline: its attention_backward takes no deterministic argument
+    path = base / "backward.py"
+    path.write_text(path.read_text().replace("                       deterministic: bool = True):", "                       ):"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
+                           "--backward", "fused"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "--backward fused: the baseline's attention_backward has no fused path" in proc.stderr
 
 
 def test_kernel_ab_rejects_a_folder_without_a_package(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int, int]]:
     return shapes
 
 
-def compare(shape, versions, causal: bool, device: str, time_it: bool) -> dict:
+def compare(shape, versions, causal: bool, device: str, time_it: bool, deterministic: bool = True) -> dict:
     from triton.testing import do_bench
 
     b, hq, hkv, s, d = shape
@@ -69,13 +70,15 @@ def compare(shape, versions, causal: bool, device: str, time_it: bool) -> dict:
     q, do = (torch.randn(b, hq, s, d, device=device, dtype=dtype) for _ in range(2))
     k, v = (torch.randn(b, hkv, s, d, device=device, dtype=dtype) for _ in range(2))
     kw = dict(softmax_scale=d ** -0.5, window=(-1, 0) if causal else (-1, -1))
+    # kernel versions from before the fused backward have no choice to make
+    bwd_kw = {} if deterministic else {"deterministic": False}
     row, grads = {"shape": shape}, {}
     for name, (fwd, bwd) in versions.items():
         out, lse = fwd(q, k, v, **kw)
-        grads[name] = bwd(do, q, k, v, out, lse, **kw)
+        grads[name] = bwd(do, q, k, v, out, lse, **kw, **bwd_kw)
         if time_it:
             row[f"{name}_fwd_ms"] = do_bench(lambda: fwd(q, k, v, **kw))
-            row[f"{name}_bwd_ms"] = do_bench(lambda: bwd(do, q, k, v, out, lse, **kw))
+            row[f"{name}_bwd_ms"] = do_bench(lambda: bwd(do, q, k, v, out, lse, **kw, **bwd_kw))
     a, b_ = grads.values()
     row["max_rel_diff"] = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
                               for x, y in zip(a, b_))
@@ -88,20 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=DEFAULT_SHAPES,
                    help="BxHxSxD items, or BxHQ:HKVxSxD for grouped-query attention, comma-separated")
     p.add_argument("--non-causal", action="store_true", help="full attention instead of causal")
+    p.add_argument("--backward", choices=("deterministic", "fused"), default="deterministic",
+                   help="which backward path to time: the two-kernel deterministic one, or the fused-dQ "
+                        "one (deterministic=False; taken only where tuning.fused_kv_config allows)")
     a = p.parse_args(argv)
     from flash_dist.kernels.backward import attention_backward
     from flash_dist.kernels.forward import attention_forward
 
     versions = {"baseline": load_baseline(a.baseline), "current": (attention_forward, attention_backward)}
+    deterministic = a.backward == "deterministic"
+    if not deterministic and "deterministic" not in inspect.signature(versions["baseline"][1]).parameters:
+        p.error("--backward fused: the baseline's attention_backward has no fused path (no deterministic argument)")
     cuda = torch.cuda.is_available()
     shapes = parse_shapes(a.shapes) if cuda else [(1, 2, 2, 80, 32), (1, 4, 2, 80, 32)]
     if cuda:
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, causal={not a.non_causal}")
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, causal={not a.non_causal}, "
+              f"backward: {a.backward}")
         print("| B, HQ, HKV, S, D | baseline fwd ms | current fwd ms | baseline bwd ms | current bwd ms "
               "| fwd speed-up | bwd speed-up | max rel. diff of gradients |")
         print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
-        r = compare(shape, versions, not a.non_causal, "cuda" if cuda else "cpu", cuda)
+        r = compare(shape, versions, not a.non_causal, "cuda" if cuda else "cpu", cuda, deterministic)
         dims = ", ".join(map(str, shape))
         if cuda:
             print(f"| {dims} | {r['baseline_fwd_ms']:.3f} | {r['current_fwd_ms']:.3f} | {r['baseline_bwd_ms']:.3f} "
