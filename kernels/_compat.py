@@ -3,8 +3,9 @@
 
 1. The interpreter's tensor installer (:func:`fix_interpreter_index`), for the CPU tests.
 2. Compiling a kernel for a GPU that is not there (:func:`compile_for_target`,
-   :func:`ptxas_usage`), for :mod:`flash_dist.bench.kernel_regs`: ``triton.compiler.ASTSource``
-   with a signature in Triton's own notation, and the ``ptxas`` binary inside the Triton wheel.
+   :func:`ptxas_usage`, :func:`sass_loops`), for :mod:`flash_dist.bench.kernel_regs`:
+   ``triton.compiler.ASTSource`` with a signature in Triton's own notation, and the ``ptxas`` and
+   ``nvdisasm`` binaries inside the Triton wheel.
 
 Triton 3.6's CPU interpreter holds every scalar as a one-element array and turns it into a
 Python index with ``int(array)``. NumPy 2.4 refuses that for arrays of one dimension, so every
@@ -62,14 +63,19 @@ def compile_for_target(fn, signature: dict, constexprs: dict, attrs: dict, *, ar
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _wheel_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {name} inside the Triton package at {path}")
+    return path
+
+
 def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers per thread and spill bytes of ``ptx`` for ``sm_{arch}``, as reported by the
     ``ptxas`` that ships inside the Triton wheel (``ptxas -v``)."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.isfile(ptxas):
-        raise FileNotFoundError(f"no ptxas inside the Triton package at {ptxas}")
+    ptxas = _wheel_tool("ptxas")
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -84,3 +90,42 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     if not regs:
         raise RuntimeError(f"ptxas -v printed no register count: {proc.stderr[-2000:]}")
     return {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0}
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """The loops of a compiled kernel, in code order: for each backward branch, the machine
+    instructions from its target to the branch (one trip of the loop, straight-line code only)
+    as ``{"instructions": n, "opcodes": {opcode: count}}``. Disassembled by the ``nvdisasm``
+    inside the Triton wheel; opcodes without their modifiers (``FMUL``, ``MUFU``, ``HGMMA``)."""
+    nvdisasm = _wheel_tool("nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        proc = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {proc.stderr[-2000:]}")
+    labels, code = {}, []  # label -> index of the next instruction; (opcode, operands)
+    for line in proc.stdout.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(code)
+            continue
+        ins = _SASS_LINE.match(line)
+        if ins:
+            code.append((ins.group(2).split(".")[0], ins.group(3)))
+    loops = []
+    for i, (op, operands) in enumerate(code):
+        target = re.search(r"`\((\.L_x_\d+)\)", operands) if op == "BRA" else None
+        # a branch to itself is the parking loop after the kernel's exit
+        if target and labels.get(target.group(1), i) < i:
+            body = [o for o, _ in code[labels[target.group(1)]:i + 1]]
+            opcodes: dict[str, int] = {}
+            for o in body:
+                opcodes[o] = opcodes.get(o, 0) + 1
+            loops.append({"instructions": len(body), "opcodes": opcodes})
+    return loops

@@ -1,6 +1,7 @@
 """The register report: occupancy arithmetic, the JIT's specialisation, and the CLI on one candidate."""
 
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -45,6 +46,18 @@ def test_report_of_one_candidate_without_a_gpu():
     assert cells[1] == "64x128/8/2"
     registers, spills, blocks = int(cells[2]), int(cells[3]), int(cells[5])
     assert 0 < registers <= 255 and spills >= 0 and blocks >= 1
+
+
+def test_loop_report_without_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_regs", "--kernels", "fwd", "--limit", "1",
+                           "--loops"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trips = re.findall(r"^  - (\d+): (.*)$", proc.stdout, flags=re.M)
+    # the forward's unmasked and masked key loops, each with its exponentials
+    assert len(trips) >= 2, proc.stdout
+    assert all(int(n) > 100 and "MUFU" in ops for n, ops in trips[:2]), proc.stdout
 
 
 @pytest.mark.parametrize("argv, words", [

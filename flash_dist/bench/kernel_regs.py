@@ -10,6 +10,11 @@ overlap one block's softmax with another block's matmuls; checking that costs no
 
     python -m flash_dist.bench.kernel_regs --head-dim 64 --group 1
     python -m flash_dist.bench.kernel_regs --head-dim 128 --group 4 --kernels kv
+    python -m flash_dist.bench.kernel_regs --kernels fwd --limit 1 --loops
+
+``--loops`` also disassembles each kernel (the wheel's ``nvdisasm``) and counts the machine
+instructions of one trip through each of its loops, with the most frequent opcodes: a change
+that removes work from an inner loop shows here before any GPU time is spent on it.
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces the kernels by Python functions).
 """
@@ -94,7 +99,8 @@ def signature(fn, args: tuple, kwargs: dict, config_kwargs: dict) -> tuple[dict,
     return sig, constexprs, attrs
 
 
-def report(head_dim: int, group: int, seq: int, kernels: list[str], arch: int, limit: int | None) -> list[dict]:
+def report(head_dim: int, group: int, seq: int, kernels: list[str], arch: int, limit: int | None,
+           loops: bool = False) -> list[dict]:
     from flash_dist.kernels import _compat, tuning
 
     spaces = {"fwd": tuning.FWD, "kv": tuning.BWD_KV, "q": tuning.BWD_Q}
@@ -112,6 +118,8 @@ def report(head_dim: int, group: int, seq: int, kernels: list[str], arch: int, l
             rows.append(dict(kernel=name, block_m=cfg.kwargs["BLOCK_M"], block_n=cfg.kwargs["BLOCK_N"],
                              warps=cfg.num_warps, stages=cfg.num_stages, shared=shared,
                              blocks_per_sm=blocks_per_sm(usage["registers"], shared, cfg.num_warps), **usage))
+            if loops:
+                rows[-1]["loops"] = _compat.sass_loops(compiled.asm["cubin"])
     return rows
 
 
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {', '.join(KERNELS)}")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for (90: H100/H200)")
     p.add_argument("--limit", type=int, default=None, help="only the first N candidates of each kernel")
+    p.add_argument("--loops", action="store_true",
+                   help="also count the machine instructions of one trip through each loop (nvdisasm)")
     a = p.parse_args(argv)
     kernels = a.kernels.split(",")
     if any(k not in KERNELS for k in kernels):
@@ -132,13 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag}: must be >= 1, got {value}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter replaces the kernels by Python functions")
-    rows = report(a.head_dim, a.group, a.seq, kernels, a.arch, a.limit)
+    rows = report(a.head_dim, a.group, a.seq, kernels, a.arch, a.limit, a.loops)
     print(f"sm_{a.arch}, head dim {a.head_dim}, GQA group {a.group}, sequence {a.seq}, bf16, causal")
     print("| kernel | BLOCK_M x BLOCK_N / warps / stages | registers | spill bytes | shared KiB | blocks per SM |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['block_m']}x{r['block_n']}/{r['warps']}/{r['stages']} | {r['registers']} "
               f"| {r['spill_bytes']} | {r['shared'] / 1024:.1f} | {r['blocks_per_sm']} |", flush=True)
+    if a.loops:
+        print("\nInstructions per trip through each loop, in code order, with the most frequent opcodes:")
+        for r in rows:
+            print(f"- {r['kernel']} {r['block_m']}x{r['block_n']}/{r['warps']}/{r['stages']}:")
+            for loop in r["loops"]:
+                top = sorted(loop["opcodes"].items(), key=lambda kv: -kv[1])[:8]
+                print(f"  - {loop['instructions']}: " + ", ".join(f"{op} {n}" for op, n in top))
     return 0
 
 

@@ -54,6 +54,20 @@ def test_compile_for_a_gpu_that_is_not_here():
     assert 0 < usage["registers"] <= 255 and usage["spill_bytes"] == 0
 
 
+def test_sass_of_a_kernel_compiled_without_a_gpu():
+    """The wheel's nvdisasm disassembles an sm_90 kernel; a kernel without loops has none. (Loops
+    are found in ``tests/test_bench_kernel_regs.py``: a kernel with a loop compiles only outside
+    the interpreter mode these tests run in.)"""
+    from triton.runtime.jit import JITFunction
+
+    compiled = _compat.compile_for_target(JITFunction(add_one), {"X": "*fp32", "N": "i32", "BLOCK": "constexpr"},
+                                          {"BLOCK": 128}, {(0,): [["tt.divisibility", 16]]}, arch=90,
+                                          num_warps=4, num_stages=1)
+    assert _compat.sass_loops(compiled.asm["cubin"]) == []
+    with pytest.raises(RuntimeError, match="nvdisasm failed"):
+        _compat.sass_loops(b"not a cubin")
+
+
 def test_ptxas_errors_are_reported():
     with pytest.raises(RuntimeError, match="ptxas failed"):
         _compat.ptxas_usage("this is not ptx", 90)
