@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 
 
 def _index(self) -> int:
@@ -124,8 +125,5 @@ def sass_loops(cubin: bytes) -> list[dict]:
         # a branch to itself is the parking loop after the kernel's exit
         if target and labels.get(target.group(1), i) < i:
             body = [o for o, _ in code[labels[target.group(1)]:i + 1]]
-            opcodes: dict[str, int] = {}
-            for o in body:
-                opcodes[o] = opcodes.get(o, 0) + 1
-            loops.append({"instructions": len(body), "opcodes": opcodes})
+            loops.append({"instructions": len(body), "opcodes": dict(Counter(body))})
     return loops

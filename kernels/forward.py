@@ -53,15 +53,13 @@ def _fwd_inner(acc, l_i, m_i, q, K_blk, V_blk, stride_kn, stride_vn,
             # qk_scale > 0 (attention_forward makes it so): the row maximum of qk, scaled, is the
             # maximum of the scores, and the scaling joins the shift below in one FMA per score
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            s = qk * qk_scale
         if MASKED:
             # a row that has seen no visible key yet keeps m = -inf; shift by 0 instead of NaN
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        if HAS_ALIBI:
-            p = tl.math.exp2(s - m_new_safe[:, None])
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
+        p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:

@@ -54,14 +54,8 @@ def timeline_gaps(intervals: list[tuple[float, float]]) -> tuple[float, float, i
     """
     if not intervals:
         return 0.0, 0.0, 0
-    intervals = sorted(intervals)
-    idle, gaps, end = 0.0, 0, intervals[0][1]
-    for start, stop in intervals[1:]:
-        if start > end:
-            idle += start - end
-            gaps += 1
-        end = max(end, stop)
-    return end - intervals[0][0], idle, gaps
+    waits = idle_before([(start, end, "") for start, end in intervals]).get("", (0.0, 0))
+    return max(end for _, end in intervals) - min(start for start, _ in intervals), *waits
 
 
 def idle_before(kernels: list[tuple[float, float, str]]) -> dict[str, tuple[float, int]]:
