@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, key_range, load_rows,
-                     load_tile, query_range, quantize_dropout, sequence_bounds, strides3, strides4, visible)
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, grid_of, key_range,
+                     load_rows, load_tile, program_ids, query_range, quantize_dropout, sequence_bounds, strides3,
+                     strides4, visible)
 from .tuning import BWD_KV, BWD_Q, autotuned, fused_kv_config, launch, seq_bucket
 
 
@@ -103,7 +104,13 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
             q = q.to(tl.float32)
         lse = _load_lse_log2(L_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         # transposed tiles (keys x queries) so dK and dV accumulate without a transpose
-        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        do = load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
+        if DOT_FP32:
+            do = do.to(tl.float32)
+        # dP^T before dV: products retire in issue order, so dV's now overlaps the dS arithmetic
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        sT = sT * qk_scale
         if HAS_ALIBI:
             slope_log2 = tl.load(ALIBI_b + pid_h * stride_ah) * 1.4426950408889634
             sT += alibi_bias(slope_log2, offs_m[None, :], offs_n[:, None], shift)
@@ -112,33 +119,31 @@ def _bwd_kv_inner(dk, dv, k, v, Q_tile, DO_tile, L_b, D_b, ALIBI_b, DQ_ACC, offs
                          HAS_LEFT, HAS_RIGHT)
             sT = tl.where(ok, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
-        do = load_tile(do_ptrs, row_ok, d_ok, MASKED, EVEN_D)
-        if DOT_FP32:
-            do = do.to(tl.float32)
         if HAS_DROPOUT:
             keepT = dropout_keep(seed, rng_offset, bh0 + g, offs_m, start_n, dropout_p, BLOCK_N, True)
             scale_keep = 1.0 / (1.0 - dropout_p)
             pdT = tl.where(keepT, pT * scale_keep, 0.0)
+            dpT = tl.where(keepT, dpT * scale_keep, 0.0)
         else:
             pdT = pT
         dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            dpT = tl.where(keepT, dpT * scale_keep, 0.0)
         delta = load_rows(D_b + h64 * stride_lh + offs_m * stride_lm, row_ok, MASKED)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
         if FUSE_DQ:
             # this key block's share of dQ, added into an fp32 buffer here instead of a second
-            # kernel recomputing P and dP; the order of the additions varies from run to run
-            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION)
+            # kernel recomputing P and dP; the order of the additions varies from run to run.
+            # Computed transposed, K^T dS^T: dS^T is then the product's shared-memory operand as
+            # it stands, where dS K needed it transposed through shared memory and back
+            dqT_part = tl.dot(tl.trans(k), dsT.to(k.dtype), input_precision=PRECISION)
             if DQ_TMA:
-                # one bulk reduction by the TMA unit; rows past the sequence are clipped by it
-                DQ_ACC.atomic_add([bh0 + g, start_m, 0], tl.reshape(dq_part, [1, BLOCK_M, dq_part.shape[1]]))
+                # one bulk reduction by the TMA unit into the (head, dim, row) buffer; rows past
+                # the sequence are clipped by it
+                DQ_ACC.atomic_add([bh0 + g, 0, start_m], tl.reshape(dqT_part, [1, dqT_part.shape[0], BLOCK_M]))
             else:
                 BLOCK_D: tl.constexpr = offs_d.shape[0]
-                tl.atomic_add(DQ_ACC + ((bh0 + g).to(tl.int64) * seqlen_q + offs_m[:, None]) * BLOCK_D
-                              + offs_d[None, :], dq_part, mask=row_ok[:, None] & d_ok)
+                tl.atomic_add(DQ_ACC + ((bh0 + g).to(tl.int64) * BLOCK_D + offs_d[:, None]) * seqlen_q
+                              + offs_m[None, :], dqT_part, mask=row_ok[None, :] & tl.trans(d_ok))
         last = g == GROUP - 1
         q_ptrs += tl.where(last, q_wrap, stride_qh)
         do_ptrs += tl.where(last, do_wrap, stride_doh)
@@ -164,9 +169,8 @@ def _bwd_kv_kernel(
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid_hk = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    # causal: the first key blocks are seen by the most queries, and start first
+    pid_n, pid_hk, pid_b = program_ids(H // GROUP, False, False)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -282,11 +286,7 @@ def _bwd_q_kernel(
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr, REVERSE_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    if REVERSE_M:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_m, pid_h, pid_b = program_ids(H, REVERSE_M, False)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -408,24 +408,26 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
                   *strides4(dout, varlen), *strides3(lse, varlen))
     fused = None if deterministic or varlen else fused_kv_config(q.dtype, head_dim, hq // hkv, seq_k)
     if fused is not None:
-        # dQ accumulates in fp32 inside the dK/dV kernel; no dQ kernel
-        dq_acc = torch.zeros(batch * hq, seq_q, block_d, dtype=torch.float32, device=q.device)
+        # dQ accumulates in fp32 inside the dK/dV kernel, transposed (head, dim, row); no dQ kernel
         tma = not INTERPRET
+        # the TMA unit needs 16-byte aligned strides: rows padded to a multiple of 4 for it
+        dq_acc = torch.zeros(batch * hq, block_d, -(-seq_q // 4) * 4 if tma else seq_q, dtype=torch.float32,
+                             device=q.device)
         if tma:
-            dq_arg = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()),
-                                      [1, fused.kwargs["BLOCK_M"], block_d])
+            dq_arg = TensorDescriptor(dq_acc, [batch * hq, block_d, seq_q], list(dq_acc.stride()),
+                                      [1, block_d, fused.kwargs["BLOCK_M"]])
         else:
             dq_arg = dq_acc
-        launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
+        launch(_bwd_kv_kernel, grid_of(batch, hkv, seq_k, "BLOCK_N"),
                (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
                 *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
         # scale and cast in one pass, written into dq's own strides
-        torch.mul(dq_acc.view(batch, hq, seq_q, block_d)[..., :head_dim], softmax_scale, out=dq)
+        torch.mul(dq_acc.view(batch, hq, block_d, -1)[:, :, :head_dim, :seq_q].transpose(2, 3), softmax_scale, out=dq)
         return dq, dk, dv
-    launch(_bwd_kv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), hkv, batch),
+    launch(_bwd_kv_kernel, grid_of(batch, hkv, seq_k, "BLOCK_N"),
            (q, k, v, dout, lse, delta, dk, dv, *opt, dummy, *in_strides, *strides4(dk, varlen),
             *strides4(dv, varlen), *a_str, *scalars), common, kv_config)
-    launch(_bwd_q_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), hq, batch),
+    launch(_bwd_q_kernel, grid_of(batch, hq, seq_q, "BLOCK_M"),
            (q, k, v, dout, lse, delta, dq, *opt, *in_strides, *strides4(dq, varlen), *a_str, *scalars),
            {**common, "REVERSE_M": window[1] >= 0}, q_config)
     return dq, dk, dv

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, key_range,
-                     quantize_dropout, sequence_bounds, strides3, strides4, visible)
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, grid_of,
+                     key_range, program_ids, quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import FWD, autotuned, launch, seq_bucket
 
 
@@ -92,14 +92,10 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    if REVERSE_M:
-        # causal: the last query blocks have the most keys; start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    # causal: the last query blocks have the most keys; start them first
+    pid_m, pid_h, pid_b = program_ids(H, REVERSE_M, HEADS_FIRST)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -197,7 +193,9 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, seq_q)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), hq, batch)  # noqa: E731
+    # the head-dim-64 forward keeps two blocks per SM: start every head's costliest blocks first
+    heads_first = head_dim <= 64
+    grid = grid_of(batch, hq, seq_q, "BLOCK_M", heads_first)
     dummy = lse  # stands in for absent optional pointers; never read
     args = (
         q, k, v, out, lse,
@@ -215,7 +213,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0.0,
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        REVERSE_M=window[1] >= 0,
+        REVERSE_M=window[1] >= 0, HEADS_FIRST=heads_first,
     )
     launch(_fwd_kernel, grid, args, meta, config)
     return out, lse
