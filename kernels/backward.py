@@ -24,15 +24,18 @@ from .tuning import BWD_KV, BWD_Q, autotuned, fused_kv_config, launch, seq_bucke
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
+def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q, DQ_ACC,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod,
                     stride_glb, stride_glh, stride_glm,
                     stride_lb, stride_lh, stride_lm,
-                    SEQ_Q,
+                    stride_acc_row, SEQ_Q,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """Delta = rowsum(dO * O) - dLSE: the softmax backward's row term, once per row."""
+                    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """Delta = rowsum(dO * O) - dLSE: the softmax backward's row term, once per row.
+
+    With ``ZERO_DQ`` it also zeroes these rows of the fused path's fp32 dQ buffer (dense,
+    (batch * heads, BLOCK_D, rows)), which saves a launch per call."""
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -56,6 +59,10 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
                          + offs_m0 * stride_glm, mask=row_ok, other=0.0)
     tl.store(DELTA + pid_b * stride_lb + pid_h * stride_lh + row0 * stride_lm + offs_m0 * stride_lm,
              delta, mask=row_ok)
+    if ZERO_DQ:
+        bh = pid_b * tl.num_programs(1) + pid_h
+        tl.store(DQ_ACC + (bh * BLOCK_D + offs_d[:, None]) * stride_acc_row + row0 + offs_m0[None, :],
+                 tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), mask=row_ok[None, :])
 
 
 @triton.jit
@@ -382,14 +389,22 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     delta = torch.empty_like(lse)
     block_d = max(triton.next_power_of_2(head_dim), 16)
     dummy = delta  # stands in for absent optional pointers; never read
+    fused = None if deterministic or varlen else fused_kv_config(q.dtype, head_dim, hq // hkv, seq_k)
+    tma = not INTERPRET
+    dq_acc = None
+    if fused is not None:
+        # dQ accumulates in fp32 inside the dK/dV kernel, transposed (head, dim, row); no dQ kernel.
+        # The TMA unit needs 16-byte aligned strides: rows padded to a multiple of 4 for it
+        dq_acc = torch.empty(batch * hq, block_d, -(-seq_q // 4) * 4 if tma else seq_q, dtype=torch.float32,
+                             device=q.device)
     pre_block = 32 if INTERPRET else 128
     _bwd_preprocess[(triton.cdiv(seq_q, pre_block), hq, batch)](
         out, dout, dlse if dlse is not None else dummy, delta,
-        cu_seqlens_q if varlen else dummy,
+        cu_seqlens_q if varlen else dummy, dq_acc if dq_acc is not None else dummy,
         *strides4(out, varlen), *strides4(dout, varlen),
         *(strides3(dlse, varlen) if dlse is not None else (0, 0, 0)), *strides3(delta, varlen),
-        seq_q, HEAD_DIM=head_dim, BLOCK_M=pre_block, BLOCK_D=block_d,
-        IS_VARLEN=varlen, HAS_DLSE=dlse is not None,
+        dq_acc.stride(1) if dq_acc is not None else 0, seq_q, HEAD_DIM=head_dim, BLOCK_M=pre_block, BLOCK_D=block_d,
+        IS_VARLEN=varlen, HAS_DLSE=dlse is not None, ZERO_DQ=dq_acc is not None,
     )
     a_str = alibi_strides(alibi_slopes)
     common = dict(
@@ -406,13 +421,7 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))
-    fused = None if deterministic or varlen else fused_kv_config(q.dtype, head_dim, hq // hkv, seq_k)
     if fused is not None:
-        # dQ accumulates in fp32 inside the dK/dV kernel, transposed (head, dim, row); no dQ kernel
-        tma = not INTERPRET
-        # the TMA unit needs 16-byte aligned strides: rows padded to a multiple of 4 for it
-        dq_acc = torch.zeros(batch * hq, block_d, -(-seq_q // 4) * 4 if tma else seq_q, dtype=torch.float32,
-                             device=q.device)
         if tma:
             dq_arg = TensorDescriptor(dq_acc, [batch * hq, block_d, seq_q], list(dq_acc.stride()),
                                       [1, block_d, fused.kwargs["BLOCK_M"]])

@@ -340,6 +340,29 @@ def test_fused_path_skips_the_dq_kernel(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, these sizes are below the fused path's threshold")
+def test_fused_backward_zeroes_its_dq_buffer(monkeypatch):
+    """The fused path's fp32 dQ buffer is allocated uninitialised and zeroed by the Delta kernel:
+    every new float tensor starts as NaN here, so a row it failed to zero poisons dQ."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    torch.manual_seed(7)
+    q, k, v = (randn(1, 3, 100, 64, dtype=torch.float16, device="cpu", requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v, causal=True, deterministic=False)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = leaf64(q, k, v)
+    ref, _ = attention_reference(q64, k64, v64, causal=True)
+    ref.backward(dout.double())
+    for name, g, r in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(name, g, r, GRAD_TOL[torch.float16])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, these sizes are below the fused path's threshold")
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
 @pytest.mark.parametrize("seq", [64, 100, 17])
 @pytest.mark.parametrize("layout", LAYOUTS)
