@@ -21,8 +21,6 @@ if INTERPRET:
     fix_interpreter_index()
 
 LOG2E = 1.4426950408889634
-#: CUDA's limit on a grid's second axis, which counts the sequence blocks
-MAX_GRID_Y = 65535
 LN2 = 0.6931471805599453
 
 
@@ -89,47 +87,23 @@ def key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
-def program_ids(H, REVERSE: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    """(block, head, batch) of this program, on the grid :func:`grid_of` builds.
+def program_ids(REVERSE: tl.constexpr):
+    """(block, head, batch) of this program on the grid (blocks, heads, batch) of :func:`grid_of`.
 
-    By default the grid is (blocks, H, batch): the blocks of one head are dispatched together,
-    so the programs running at once share that head's keys and values in L2. With
-    ``HEADS_FIRST`` it is (batch * H, blocks): block 0 of every head and sequence is dispatched
-    first, then block 1, and so on. A causal grid's costliest blocks (the last query blocks, with
-    ``REVERSE``) then all start in the first wave; ordered by head, the last head's costliest
-    blocks started near the end and ran alone while other SMs idled. That tail matters where two
-    blocks are resident per SM (the head-dim-64 forward: 5% faster at 4k and 16k tokens on an
-    H100); at head dim 128 the head-by-head order measured 5% faster (BENCHMARKS.md).
+    The blocks of one head are dispatched together, so the programs running at once share that
+    head's keys and values in L2. ``REVERSE`` walks the blocks from the last: a causal forward
+    starts its costliest blocks first. (Dispatching block 0 of every head first, then block 1,
+    and so on, ran at half the speed with 16 x 32 heads of 4k tokens: BENCHMARKS.md.)
     """
-    if HEADS_FIRST:
-        pid_bh = tl.program_id(0)
-        pid_blk = tl.program_id(1)
-        pid_h = pid_bh % H
-        pid_b = pid_bh // H
-        n_blk = tl.num_programs(1)
-    else:
-        pid_blk = tl.program_id(0)
-        pid_h = tl.program_id(1)
-        pid_b = tl.program_id(2)
-        n_blk = tl.num_programs(0)
+    pid_blk = tl.program_id(0)
     if REVERSE:
-        pid_blk = n_blk - 1 - pid_blk
-    return pid_blk, pid_h, pid_b
+        pid_blk = tl.num_programs(0) - 1 - pid_blk
+    return pid_blk, tl.program_id(1), tl.program_id(2)
 
 
-def grid_of(batch: int, heads: int, seqlen: int, block: str, heads_first: bool = False):
+def grid_of(batch: int, heads: int, seqlen: int, block: str):
     """Launch grid matching :func:`program_ids`, with ``block`` the meta-parameter of the block size."""
-
-    def grid(meta):
-        blocks = triton.cdiv(seqlen, meta[block])
-        if not heads_first:
-            return (blocks, heads, batch)
-        if blocks > MAX_GRID_Y:
-            raise ValueError(f"sequence length {seqlen} needs {blocks} blocks of {meta[block]} rows; "
-                             f"at most {MAX_GRID_Y} are allowed (split the sequence, e.g. context parallelism)")
-        return (batch * heads, blocks)
-
-    return grid
+    return lambda meta: (triton.cdiv(seqlen, meta[block]), heads, batch)
 
 
 @triton.jit

@@ -92,10 +92,10 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr,
 ):
     # causal: the last query blocks have the most keys; start them first
-    pid_m, pid_h, pid_b = program_ids(H, REVERSE_M, HEADS_FIRST)
+    pid_m, pid_h, pid_b = program_ids(REVERSE_M)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -193,9 +193,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, seq_q)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    # the head-dim-64 forward keeps two blocks per SM: start every head's costliest blocks first
-    heads_first = head_dim <= 64
-    grid = grid_of(batch, hq, seq_q, "BLOCK_M", heads_first)
+    grid = grid_of(batch, hq, seq_q, "BLOCK_M")
     dummy = lse  # stands in for absent optional pointers; never read
     args = (
         q, k, v, out, lse,
@@ -213,7 +211,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0.0,
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        REVERSE_M=window[1] >= 0, HEADS_FIRST=heads_first,
+        REVERSE_M=window[1] >= 0,
     )
     launch(_fwd_kernel, grid, args, meta, config)
     return out, lse

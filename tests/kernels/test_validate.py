@@ -86,13 +86,3 @@ def test_mixed_devices_are_refused():
     q, k, v = _qkv("cuda")
     with pytest.raises(ValueError, match="must be on one device"):
         flash_attention(q, k.cpu(), v)
-
-
-def test_grid_limit_names_the_sequence_length():
-    from flash_dist.kernels.common import MAX_GRID_Y, grid_of
-
-    assert grid_of(2, 3, 100, "BLOCK_M", heads_first=True)({"BLOCK_M": 32}) == (6, 4)
-    assert grid_of(2, 3, 100, "BLOCK_M")({"BLOCK_M": 32}) == (4, 3, 2)
-    too_long = MAX_GRID_Y * 64 + 1
-    with pytest.raises(ValueError, match=f"sequence length {too_long} needs {MAX_GRID_Y + 1} blocks of 64 rows"):
-        grid_of(1, 12, too_long, "BLOCK_M", heads_first=True)({"BLOCK_M": 64})
