@@ -177,7 +177,7 @@ def _bwd_kv_kernel(
     PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     # causal: the first key blocks are seen by the most queries, and start first
-    pid_n, pid_hk, pid_b = program_ids(False)
+    pid_n, pid_hk, pid_b = program_ids(False, H // GROUP)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -293,7 +293,7 @@ def _bwd_q_kernel(
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr, REVERSE_M: tl.constexpr,
 ):
-    pid_m, pid_h, pid_b = program_ids(REVERSE_M)
+    pid_m, pid_h, pid_b = program_ids(REVERSE_M, H)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M

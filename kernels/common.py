@@ -21,6 +21,8 @@ if INTERPRET:
     fix_interpreter_index()
 
 LOG2E = 1.4426950408889634
+#: keys + values up to this size are interleaved across heads in the forward (see heads_first)
+KV_L2_BYTES = 64 << 20
 LN2 = 0.6931471805599453
 
 
@@ -87,23 +89,46 @@ def key_range(start_m, seqlen_q, seqlen_k, win_left, win_right,
 
 
 @triton.jit
-def program_ids(REVERSE: tl.constexpr):
-    """(block, head, batch) of this program on the grid (blocks, heads, batch) of :func:`grid_of`.
+def program_ids(REVERSE: tl.constexpr, H, HEADS_FIRST: tl.constexpr = False):
+    """(block, head, batch) of this program, on the grid :func:`grid_of` builds.
 
-    The blocks of one head are dispatched together, so the programs running at once share that
-    head's keys and values in L2. ``REVERSE`` walks the blocks from the last: a causal forward
-    starts its costliest blocks first. (Dispatching block 0 of every head first, then block 1,
-    and so on, ran at half the speed with 16 x 32 heads of 4k tokens: BENCHMARKS.md.)
+    By default the grid is (blocks, heads, batch): the blocks of one head are dispatched
+    together, so the programs running at once share that head's keys and values in L2. With
+    ``HEADS_FIRST`` it is (batch * H, blocks): block 0 of every head is dispatched first, then
+    block 1, and so on, so a causal forward's costliest blocks all start in the first wave
+    instead of the last head's running alone at the end. ``REVERSE`` walks the blocks from the
+    last (a causal forward's costliest first).
     """
-    pid_blk = tl.program_id(0)
+    if HEADS_FIRST:
+        pid_blk = tl.program_id(1)
+        n_blk = tl.num_programs(1)
+        pid_bh = tl.program_id(0)
+        pid_h = pid_bh % H
+        pid_b = pid_bh // H
+    else:
+        pid_blk = tl.program_id(0)
+        n_blk = tl.num_programs(0)
+        pid_h = tl.program_id(1)
+        pid_b = tl.program_id(2)
     if REVERSE:
-        pid_blk = tl.num_programs(0) - 1 - pid_blk
-    return pid_blk, tl.program_id(1), tl.program_id(2)
+        pid_blk = n_blk - 1 - pid_blk
+    return pid_blk, pid_h, pid_b
 
 
-def grid_of(batch: int, heads: int, seqlen: int, block: str):
+def grid_of(batch: int, heads: int, seqlen: int, block: str, heads_first: bool = False):
     """Launch grid matching :func:`program_ids`, with ``block`` the meta-parameter of the block size."""
+    if heads_first:
+        return lambda meta: (batch * heads, triton.cdiv(seqlen, meta[block]))
     return lambda meta: (triton.cdiv(seqlen, meta[block]), heads, batch)
+
+
+def heads_first(k, seqlen_q: int) -> bool:
+    """Whether a forward should dispatch every head's blocks together (:func:`program_ids`):
+    where the keys and values of all heads fit in about an H100's L2 (1 x 12 heads x 16k tokens
+    x 64 dims is 48 MiB of both), so that interleaving the heads costs no reuse. With many more
+    heads each running program streams its own head's keys from memory (BENCHMARKS.md). The
+    grid's second axis also caps the number of blocks (65535)."""
+    return 2 * k.numel() * k.element_size() <= KV_L2_BYTES and seqlen_q <= 65535 * 16
 
 
 @triton.jit

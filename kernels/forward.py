@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, grid_of,
+from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, grid_of, heads_first,
                      key_range, program_ids, quantize_dropout, sequence_bounds, strides3, strides4, visible)
 from .tuning import FWD, autotuned, launch, seq_bucket
 
@@ -92,10 +92,10 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr,
+    PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     # causal: the last query blocks have the most keys; start them first
-    pid_m, pid_h, pid_b = program_ids(REVERSE_M)
+    pid_m, pid_h, pid_b = program_ids(REVERSE_M, H, HEADS_FIRST)
     q_start, seqlen_q = sequence_bounds(CU_Q, pid_b, SEQ_Q, IS_VARLEN)
     k_start, seqlen_k = sequence_bounds(CU_K, pid_b, SEQ_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
@@ -193,7 +193,8 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         lse_shape = (hq, q.shape[0]) if varlen else (batch, hq, seq_q)
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    grid = grid_of(batch, hq, seq_q, "BLOCK_M")
+    interleave = heads_first(k, seq_q)
+    grid = grid_of(batch, hq, seq_q, "BLOCK_M", interleave)
     dummy = lse  # stands in for absent optional pointers; never read
     args = (
         q, k, v, out, lse,
@@ -211,7 +212,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, window: tuple[int, int],
         HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0.0,
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        REVERSE_M=window[1] >= 0,
+        REVERSE_M=window[1] >= 0, HEADS_FIRST=interleave,
     )
     launch(_fwd_kernel, grid, args, meta, config)
     return out, lse

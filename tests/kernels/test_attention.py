@@ -339,6 +339,37 @@ def test_fused_path_skips_the_dq_kernel(monkeypatch):
     assert names == ["_bwd_kv_kernel", "_bwd_q_kernel"]
 
 
+def test_heads_first_only_while_keys_fit_in_l2():
+    from flash_dist.kernels.common import heads_first
+
+    def kv(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+    assert heads_first(kv(1, 12, 16384, 64), 16384)  # GPT-2 small at 16k: 48 MiB of keys and values
+    assert heads_first(kv(4, 12, 4096, 64), 4096)
+    assert not heads_first(kv(4, 32, 16384, 64), 16384)
+    assert not heads_first(kv(16, 32, 4096, 64), 4096)
+    assert not heads_first(kv(1, 1, 64, 64), 2**21)  # too many blocks for the grid's second axis
+
+
+@pytest.mark.parametrize("interleave", [True, False], ids=["heads_first", "head_by_head"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "plain"])
+def test_forward_grid_orders(interleave, causal, monkeypatch, device):
+    """Both dispatch orders of the forward grid cover every (block, head, batch) exactly once;
+    2 sequences x 3 heads x 100 rows end in a partial block."""
+    from flash_dist.kernels import forward
+
+    monkeypatch.setattr(forward, "heads_first", lambda k, seqlen_q: interleave)
+    real_empty_like = torch.empty_like
+    # the output starts as NaN: a block no program wrote shows
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
+    torch.manual_seed(3)
+    q, k, v = (randn(2, 3, 100, 32, dtype=torch.float32, device=device) for _ in range(3))
+    out = flash_attention(q, k, v, causal=causal)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+    assert_close("out", out, ref, TOL[torch.float32])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, these sizes are below the fused path's threshold")
 def test_fused_backward_zeroes_its_dq_buffer(monkeypatch):
     """The fused path's fp32 dQ buffer is allocated uninitialised and zeroed by the Delta kernel:
