@@ -11,15 +11,16 @@ import pytest
 import flash_dist.kernels
 
 
-@pytest.mark.parametrize("backward", ["deterministic", "fused"])
-def test_kernel_ab_against_a_copy_of_itself(tmp_path, backward):
+@pytest.mark.parametrize("backward, tiles", [("deterministic", []), ("fused", ["--default-tiles"])])
+def test_kernel_ab_against_a_copy_of_itself(tmp_path, backward, tiles):
     base = tmp_path / "kernels"
     shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
-                           "--backward", backward], env=env, capture_output=True, text=True, timeout=600)
+                           "--backward", backward, *tiles], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("tiles: each kernel's first autotune candidate" in proc.stdout) == bool(tiles), proc.stdout
     # the same kernels from two packages give identical gradients, with and without GQA
     assert proc.stdout.count("max rel. diff of gradients 0.0e+00") == 2, proc.stdout
     assert "1, 4, 2, 80, 32" in proc.stdout, proc.stdout
@@ -52,3 +53,16 @@ def test_kernel_ab_rejects_a_folder_without_a_package(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "is not a kernel package" in proc.stderr
+
+
+def test_default_tiles_needs_a_baseline_with_the_autotune_switch(tmp_path):
+    base = tmp_path / "kernels"
+    shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    path = base / "tuning.py"
+    path.write_text(path.read_text().replace("AUTOTUNE", "AUTOTUNE_RENAMED"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
+                           "--default-tiles"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "--default-tiles: the baseline's tuning module has no AUTOTUNE switch" in proc.stderr

@@ -9,10 +9,13 @@ on the same inputs, alternating, with ``triton.testing.do_bench`` medians::
     git archive 1f58bd7 kernels | tar -x -C /tmp/base
     python -m flash_dist.bench.kernel_ab --baseline /tmp/base/kernels
 
-Each version autotunes itself. Reported: forward and backward milliseconds of each, the
-speed-up, and the largest difference between the two versions' gradients relative to their
-largest value (a check that both compute the same thing). On a machine without CUDA the kernels
-run in Triton's interpreter on one tiny shape and only the comparison of results is printed.
+Each version autotunes itself, or with ``--default-tiles`` both run each kernel's first
+candidate: the autotuner's pick can differ between two runs of the same code (identical
+forward kernels once timed 0.918x apart on an H100). Reported: forward and backward
+milliseconds of each, the speed-up, and the largest difference between the two versions'
+gradients relative to their largest value (a check that both compute the same thing). On a
+machine without CUDA the kernels run in Triton's interpreter on one tiny shape and only the
+comparison of results is printed.
 """
 
 from __future__ import annotations
@@ -77,8 +80,8 @@ def compare(shape, versions, causal: bool, device: str, time_it: bool, determini
         out, lse = fwd(q, k, v, **kw)
         grads[name] = bwd(do, q, k, v, out, lse, **kw, **bwd_kw)
         if time_it:
-            row[f"{name}_fwd_ms"] = do_bench(lambda: fwd(q, k, v, **kw))
-            row[f"{name}_bwd_ms"] = do_bench(lambda: bwd(do, q, k, v, out, lse, **kw, **bwd_kw))
+            row[f"{name}_fwd_ms"] = do_bench(lambda: fwd(q, k, v, **kw), return_mode="median")
+            row[f"{name}_bwd_ms"] = do_bench(lambda: bwd(do, q, k, v, out, lse, **kw, **bwd_kw), return_mode="median")
     a, b_ = grads.values()
     row["max_rel_diff"] = max(((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
                               for x, y in zip(a, b_))
@@ -94,11 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backward", choices=("deterministic", "fused"), default="deterministic",
                    help="which backward path to time: the two-kernel deterministic one, or the fused-dQ "
                         "one (deterministic=False; taken only where tuning.fused_kv_config allows)")
+    p.add_argument("--default-tiles", action="store_true",
+                   help="time each kernel's first autotune candidate in both versions instead of autotuning "
+                        "each (the autotuner's pick can differ between two runs of the same code)")
     a = p.parse_args(argv)
+    from flash_dist.kernels import tuning
     from flash_dist.kernels.backward import attention_backward
     from flash_dist.kernels.forward import attention_forward
 
     versions = {"baseline": load_baseline(a.baseline), "current": (attention_forward, attention_backward)}
+    if a.default_tiles:
+        # the pruner reads AUTOTUNE at each launch; a baseline from before that switch autotunes
+        base_tuning = sys.modules.get("flash_dist_kernels_baseline.tuning")
+        if base_tuning is None or not hasattr(base_tuning, "AUTOTUNE"):
+            p.error("--default-tiles: the baseline's tuning module has no AUTOTUNE switch")
+        tuning.AUTOTUNE = base_tuning.AUTOTUNE = False
+        print("tiles: each kernel's first autotune candidate, in both versions")
     deterministic = a.backward == "deterministic"
     if not deterministic and "deterministic" not in inspect.signature(versions["baseline"][1]).parameters:
         p.error("--backward fused: the baseline's attention_backward has no fused path (no deterministic argument)")
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = parse_shapes(a.shapes) if cuda else [(1, 2, 2, 80, 32), (1, 4, 2, 80, 32)]
     if cuda:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, causal={not a.non_causal}, "
-              f"backward: {a.backward}")
+              f"backward: {a.backward}, times: do_bench medians")
         print("| B, HQ, HKV, S, D | baseline fwd ms | current fwd ms | baseline bwd ms | current bwd ms "
               "| fwd speed-up | bwd speed-up | max rel. diff of gradients |")
         print("|---|---|---|---|---|---|---|---|")
