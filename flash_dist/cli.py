@@ -150,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available()):
             _use_interpreter(argv)
-        from flash_dist.train import train
+        from flash_dist.train import check_data, train
 
+        try:
+            check_data(cfg)
+        except (ConfigError, FileNotFoundError) as exc:
+            build_parser().error(str(exc))
         train(cfg)
         return 0
     if args.command == "prepare":

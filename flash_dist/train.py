@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flash_dist.config import RunConfig, config_to_yaml, fp16_clipping, save_config
+from flash_dist.config import ConfigError, RunConfig, config_to_yaml, fp16_clipping, save_config
 
 
 class GPT2Module(L.LightningModule):
@@ -422,10 +422,24 @@ def resume_path(cfg: RunConfig) -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
+def check_data(cfg: RunConfig) -> None:
+    """The prepared data at ``data.path`` fits the model: every token id it can hold is a row of
+    the embedding (on a GPU an id past it is not an error but a wrong loss)."""
+    from flash_dist.data import read_meta
+
+    meta = read_meta(cfg.data.path)
+    vocab = int(meta["vocab_size"])
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of data.path "
+                          f"({cfg.data.path}: {meta.get('tokenizer', 'its tokenizer')}, {vocab} tokens); "
+                          f"set model.vocab_size >= {vocab}")
+
+
 def train(cfg: RunConfig) -> L.Trainer:
     """Train GPT-2 as ``cfg`` says; returns the Trainer after ``fit``."""
     from flash_dist.data import TokenDataModule
 
+    check_data(cfg)
     L.seed_everything(cfg.trainer.seed, workers=True)
     root = Path(cfg.trainer.default_root_dir)
     trainer = build_trainer(cfg)

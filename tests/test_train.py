@@ -134,3 +134,17 @@ def test_lightning_still_refuses_to_clip_for_fused_optimizers_in_bf16():
         p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
         module.clip_gradients(opt, 1.0, "norm")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vocab_size=1000", "model.vocab_size: 1000 is smaller than the vocabulary of data.path"),
+    ("data.path=/nonexistent/data", "is not a prepared data directory"),
+])
+def test_train_refuses_data_that_does_not_fit_the_model(token_data, tmp_path, override, message):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "flash_dist.cli", "train", str(ROOT / "recipes" / "tiny-cpu.yaml"),
+           f"data.path={token_data}", f"trainer.default_root_dir={tmp_path / 'run'}", override]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
