@@ -150,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available()):
             _use_interpreter(argv)
-        from flash_dist.train import check_data, train
+        from flash_dist.train import train
 
         try:
-            check_data(cfg)
-        except (ConfigError, FileNotFoundError) as exc:
+            # train() checks the data against the model first (check_data) and raises ConfigError
+            train(cfg)
+        except ConfigError as exc:
             build_parser().error(str(exc))
-        train(cfg)
         return 0
     if args.command == "prepare":
         from flash_dist.data.prepare import run as prepare_run

@@ -427,7 +427,10 @@ def check_data(cfg: RunConfig) -> None:
     the embedding (on a GPU an id past it is not an error but a wrong loss)."""
     from flash_dist.data import read_meta
 
-    meta = read_meta(cfg.data.path)
+    try:
+        meta = read_meta(cfg.data.path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
     vocab = int(meta["vocab_size"])
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of data.path "

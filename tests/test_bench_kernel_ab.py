@@ -11,14 +11,26 @@ import pytest
 import flash_dist.kernels
 
 
-@pytest.mark.parametrize("backward, tiles", [("deterministic", []), ("fused", ["--default-tiles"])])
-def test_kernel_ab_against_a_copy_of_itself(tmp_path, backward, tiles):
+def copy_kernels(tmp_path, file: str | None = None, old: str = "", new: str = "") -> Path:
+    """A copy of the kernel package under ``tmp_path``; ``file`` gets ``old`` replaced by ``new``."""
     base = tmp_path / "kernels"
     shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
                     ignore=shutil.ignore_patterns("__pycache__"))
+    if file is not None:
+        path = base / file
+        path.write_text(path.read_text().replace(old, new))
+    return base
+
+
+def kernel_ab(base: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
-                           "--backward", backward, *tiles], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("backward, tiles", [("deterministic", []), ("fused", ["--default-tiles"])])
+def test_kernel_ab_against_a_copy_of_itself(tmp_path, backward, tiles):
+    proc = kernel_ab(copy_kernels(tmp_path), "--backward", backward, *tiles)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("tiles: each kernel's first autotune candidate" in proc.stdout) == bool(tiles), proc.stdout
     # the same kernels from two packages give identical gradients, with and without GQA
@@ -36,15 +48,10 @@ def test_shapes_with_and_without_grouped_query_heads(bad, words):
 
 
 def test_kernel_ab_refuses_the_fused_backward_of_a_baseline_without_one(tmp_path):
-    base = tmp_path / "kernels"
-    shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
-                    ignore=shutil.ignore_patterns("__pycache__"))
     # an old baseline: its attention_backward takes no deterministic argument
-    path = base / "backward.py"
-    path.write_text(path.read_text().replace("                       deterministic: bool = True):", "                       ):"))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
-                           "--backward", "fused"], env=env, capture_output=True, text=True, timeout=600)
+    base = copy_kernels(tmp_path, "backward.py", "                       deterministic: bool = True):",
+                        "                       ):")
+    proc = kernel_ab(base, "--backward", "fused")
     assert proc.returncode == 2
     assert "--backward fused: the baseline's attention_backward has no fused path" in proc.stderr
 
@@ -56,13 +63,6 @@ def test_kernel_ab_rejects_a_folder_without_a_package(tmp_path):
 
 
 def test_default_tiles_needs_a_baseline_with_the_autotune_switch(tmp_path):
-    base = tmp_path / "kernels"
-    shutil.copytree(Path(flash_dist.kernels.__file__).resolve().parent, base,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    path = base / "tuning.py"
-    path.write_text(path.read_text().replace("AUTOTUNE", "AUTOTUNE_RENAMED"))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_ab", "--baseline", str(base),
-                           "--default-tiles"], env=env, capture_output=True, text=True, timeout=600)
+    proc = kernel_ab(copy_kernels(tmp_path, "tuning.py", "AUTOTUNE", "AUTOTUNE_RENAMED"), "--default-tiles")
     assert proc.returncode == 2
     assert "--default-tiles: the baseline's tuning module has no AUTOTUNE switch" in proc.stderr

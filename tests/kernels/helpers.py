@@ -73,3 +73,16 @@ def qkv_in_layout(layout, b, h, s, d, dtype, device):
         raise ValueError(f"layout: unknown {layout!r}; choose from {', '.join(LAYOUTS)}")
     leaf = randn(*_LEAF_SHAPE[layout](b, h, s, d), dtype=dtype, device=device, requires_grad=True)
     return leaf, layout_views(layout, leaf)
+
+
+def poison_allocations(monkeypatch, *names):
+    """Make the ``torch`` allocators ``names`` (e.g. ``"empty"``, ``"empty_like"``) return float
+    tensors filled with NaN, so memory a kernel should have written shows up in its results."""
+    for name in names:
+        real = getattr(torch, name)
+
+        def poisoned(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, name, poisoned)

@@ -11,7 +11,7 @@ from flash_dist.kernels.backward import attention_backward
 from flash_dist.kernels.forward import attention_forward
 
 from .helpers import (GRAD_TOL, LAYOUTS, TOL, assert_close, assert_lse_close, assert_matches_reference, layout_views,
-                      leaf64, qkv_in_layout, randn)
+                      leaf64, poison_allocations, qkv_in_layout, randn)
 
 CPU_DTYPES = [torch.float32, torch.float16]  # bf16 dots are broken in the interpreter: GPU only
 DTYPES = CPU_DTYPES + ([torch.bfloat16] if torch.cuda.is_available() else [])
@@ -360,9 +360,8 @@ def test_forward_grid_orders(interleave, causal, monkeypatch, device):
     from flash_dist.kernels import forward
 
     monkeypatch.setattr(forward, "heads_first", lambda k, seqlen_q: interleave)
-    real_empty_like = torch.empty_like
     # the output starts as NaN: a block no program wrote shows
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
+    poison_allocations(monkeypatch, "empty_like")
     torch.manual_seed(3)
     q, k, v = (randn(2, 3, 100, 32, dtype=torch.float32, device=device) for _ in range(3))
     out = flash_attention(q, k, v, causal=causal)
@@ -374,13 +373,7 @@ def test_forward_grid_orders(interleave, causal, monkeypatch, device):
 def test_fused_backward_zeroes_its_dq_buffer(monkeypatch):
     """The fused path's fp32 dQ buffer is allocated uninitialised and zeroed by the Delta kernel:
     every new float tensor starts as NaN here, so a row it failed to zero poisons dQ."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+    poison_allocations(monkeypatch, "empty")
     torch.manual_seed(7)
     q, k, v = (randn(1, 3, 100, 64, dtype=torch.float16, device="cpu", requires_grad=True) for _ in range(3))
     out = flash_attention(q, k, v, causal=True, deterministic=False)
