@@ -6,6 +6,13 @@
    :func:`ptxas_usage`, :func:`sass_loops`), for :mod:`flash_dist.bench.kernel_regs`:
    ``triton.compiler.ASTSource`` with a signature in Triton's own notation, and the ``ptxas`` and
    ``nvdisasm`` binaries inside the Triton wheel.
+3. A TMA bulk reduction from shared memory in Gluon (:func:`tma_reduce_add`), for the Hopper
+   backward (:mod:`.hopper_backward`). Gluon's ``tma`` module offers copies but no reduction on
+   Hopper; its op builder has one (``create_async_tma_reduce``), which this wraps as a builtin.
+   :func:`compile_gluon_for_target` compiles a Gluon kernel without a GPU
+   (``GluonASTSource``, argument types from ``triton.runtime.jit.mangle_type``).
+   ``cta_barrier`` is Gluon's barrier over the calling warps: ``gl.thread_barrier`` in Triton 3.6,
+   ``gl.barrier`` from 3.7 on.
 
 Triton 3.6's CPU interpreter holds every scalar as a one-element array and turns it into a
 Python index with ``int(array)``. NumPy 2.4 refuses that for arrays of one dimension, so every
@@ -64,6 +71,50 @@ def compile_for_target(fn, signature: dict, constexprs: dict, attrs: dict, *, ar
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def compile_gluon_for_target(fn, args: dict, constexprs: dict, *, arch: int, num_warps: int, maxnreg=None):
+    """Compile the ``gluon.jit`` function ``fn`` for CUDA compute capability ``arch`` without a GPU.
+    ``args`` maps each run-time argument to an example value (tensors on any device, tensor
+    descriptors, ints, floats), from which its type is taken; 16-divisibility is assumed for
+    tensors and for arguments named ``stride_*``. ``constexprs`` gives the constexpr values."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs or name == "num_warps":
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        signature[name] = "fp32" if isinstance(value, float) else mangle_type(value)
+        if signature[name].startswith("*") or name.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    src = GluonASTSource(fn, signature, {**constexprs, "num_warps": num_warps}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def ptxas_advisories(ptx: str, arch: int) -> list[str]:
+    """The numbered advisories ``ptxas -v`` prints for ``ptx`` (e.g. ``C7514``: wgmma products
+    serialised), as ``["C7514: ...", ...]``."""
+    return [f"{code}: {text}" for code, text in re.findall(r"\((C\d+)\) ([^\n]*)", _run_ptxas(ptx, arch))]
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    ptxas = _wheel_tool("ptxas")
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", os.devnull],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    return proc.stderr
+
+
 def _wheel_tool(name: str) -> str:
     import triton
 
@@ -76,20 +127,11 @@ def _wheel_tool(name: str) -> str:
 def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers per thread and spill bytes of ``ptx`` for ``sm_{arch}``, as reported by the
     ``ptxas`` that ships inside the Triton wheel (``ptxas -v``)."""
-    ptxas = _wheel_tool("ptxas")
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", os.devnull],
-                              capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
-    regs = re.findall(r"Used (\d+) registers", proc.stderr)
-    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+    out = _run_ptxas(ptx, arch)
+    regs = re.findall(r"Used (\d+) registers", out)
+    spills = re.findall(r"(\d+) bytes spill stores", out)
     if not regs:
-        raise RuntimeError(f"ptxas -v printed no register count: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"ptxas -v printed no register count: {out[-2000:]}")
     return {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0}
 
 
@@ -127,3 +169,22 @@ def sass_loops(cubin: bytes) -> list[dict]:
             body = [o for o, _ in code[labels[target.group(1)]:i + 1]]
             loops.append({"instructions": len(body), "opcodes": dict(Counter(body))})
     return loops
+
+
+try:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _gluon_builtin
+except ImportError:  # no Gluon in this Triton
+    _gluon_builtin = None
+
+if _gluon_builtin is not None:
+    from triton.experimental.gluon import language as _gl
+
+    cta_barrier = getattr(_gl, "thread_barrier", None) or _gl.barrier
+
+    @_gluon_builtin
+    def tma_reduce_add(desc, coord, src, _semantic=None):
+        """Add the shared-memory tile ``src`` into the global tile of ``desc`` at ``coord``
+        (``cp.reduce.async.bulk.tensor ... add``); complete it with ``tma.store_wait``."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)

@@ -20,6 +20,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dropout_keep, grid_of, key_range,
                      load_rows, load_tile, program_ids, query_range, quantize_dropout, sequence_bounds, strides3,
                      strides4, visible)
+from . import hopper_backward
 from .tuning import BWD_KV, BWD_Q, autotuned, fused_kv_config, launch, seq_bucket
 
 
@@ -427,9 +428,15 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
                                       [1, block_d, fused.kwargs["BLOCK_M"]])
         else:
             dq_arg = dq_acc
-        launch(_bwd_kv_kernel, grid_of(batch, hkv, seq_k, "BLOCK_N"),
-               (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
-                *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
+        if hopper_backward.supported(q, k, v, dout, lse, dk, dv, window=window, alibi_slopes=alibi_slopes,
+                                     dropout_p=dropout_p, varlen=varlen):
+            # the warp-specialised Gluon kernel: same work, products overlapped (hopper_backward.py)
+            hopper_backward.backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv,
+                                              softmax_scale=softmax_scale, causal=window[1] == 0)
+        else:
+            launch(_bwd_kv_kernel, grid_of(batch, hkv, seq_k, "BLOCK_N"),
+                   (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
+                    *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
         # scale and cast in one pass, written into dq's own strides
         torch.mul(dq_acc.view(batch, hq, block_d, -1)[:, :, :head_dim, :seq_q].transpose(2, 3), softmax_scale, out=dq)
         return dq, dk, dv
