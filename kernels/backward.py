@@ -21,7 +21,7 @@ from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dro
                      load_rows, load_tile, program_ids, query_range, quantize_dropout, sequence_bounds, strides3,
                      strides4, visible)
 from . import hopper_backward
-from .tuning import BWD_KV, BWD_Q, autotuned, fused_kv_config, launch, seq_bucket
+from .tuning import BWD_KV, BWD_Q, HOPPER_MIN_SEQ, autotuned, fused_kv_config, launch, seq_bucket
 
 
 @triton.jit
@@ -366,7 +366,9 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     block's share of dQ into an fp32 buffer with atomic (TMA bulk) additions, and the dQ kernel,
     which recomputes P and dP, is skipped. The additions arrive in a varying order, so dQ may
     differ between runs at fp32 rounding. Otherwise each gradient tile has one owner and the
-    result is bitwise reproducible.
+    result is bitwise reproducible. On an sm_90 GPU the fused path runs the warp-specialised Gluon
+    kernel of :mod:`.hopper_backward` where that applies (dense causal or full attention, head_dim
+    64, no GQA), from ``tuning.HOPPER_MIN_SEQ`` keys on.
 
     ``dlse`` is the gradient flowing into the log-sum-exp output (``None`` when it is unused).
     ``dq``/``dk``/``dv`` may be given preallocated; ``kv_config``/``q_config`` (``triton.Config``)
@@ -391,9 +393,13 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     block_d = max(triton.next_power_of_2(head_dim), 16)
     dummy = delta  # stands in for absent optional pointers; never read
     fused = None if deterministic or varlen else fused_kv_config(q.dtype, head_dim, hq // hkv, seq_k)
+    # the Hopper kernel pays off from shorter sequences on than the tl fused kernel (BENCHMARKS.md)
+    hopper = (not deterministic and (fused is not None or seq_k >= HOPPER_MIN_SEQ)
+              and hopper_backward.supported(q, k, v, dout, lse, dk, dv, window=window, alibi_slopes=alibi_slopes,
+                                            dropout_p=dropout_p, varlen=varlen))
     tma = not INTERPRET
     dq_acc = None
-    if fused is not None:
+    if fused is not None or hopper:
         # dQ accumulates in fp32 inside the dK/dV kernel, transposed (head, dim, row); no dQ kernel.
         # The TMA unit needs 16-byte aligned strides: rows padded to a multiple of 4 for it
         dq_acc = torch.empty(batch * hq, block_d, -(-seq_q // 4) * 4 if tma else seq_q, dtype=torch.float32,
@@ -422,21 +428,20 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))
-    if fused is not None:
+    if hopper:
+        # the warp-specialised Gluon kernel: the fused path's work, products overlapped (hopper_backward.py)
+        hopper_backward.backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale=softmax_scale,
+                                          causal=window[1] == 0)
+    elif fused is not None:
         if tma:
             dq_arg = TensorDescriptor(dq_acc, [batch * hq, block_d, seq_q], list(dq_acc.stride()),
                                       [1, block_d, fused.kwargs["BLOCK_M"]])
         else:
             dq_arg = dq_acc
-        if hopper_backward.supported(q, k, v, dout, lse, dk, dv, window=window, alibi_slopes=alibi_slopes,
-                                     dropout_p=dropout_p, varlen=varlen):
-            # the warp-specialised Gluon kernel: same work, products overlapped (hopper_backward.py)
-            hopper_backward.backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv,
-                                              softmax_scale=softmax_scale, causal=window[1] == 0)
-        else:
-            launch(_bwd_kv_kernel, grid_of(batch, hkv, seq_k, "BLOCK_N"),
-                   (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
-                    *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
+        launch(_bwd_kv_kernel, grid_of(batch, hkv, seq_k, "BLOCK_N"),
+               (q, k, v, dout, lse, delta, dk, dv, *opt, dq_arg, *in_strides, *strides4(dk, varlen),
+                *strides4(dv, varlen), *a_str, *scalars), {**common, "FUSE_DQ": True, "DQ_TMA": tma}, fused)
+    if dq_acc is not None:
         # scale and cast in one pass, written into dq's own strides
         torch.mul(dq_acc.view(batch, hq, block_d, -1)[:, :, :head_dim, :seq_q].transpose(2, 3), softmax_scale, out=dq)
         return dq, dk, dv

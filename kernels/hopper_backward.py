@@ -174,8 +174,12 @@ if HAVE_GLUON:
                                                             instr_shape=[16, HEAD_DIM, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        # dQ^T has HEAD_DIM rows: a second warpgroup takes half of its columns
+        WG: gl.constexpr = num_warps // 4
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                            instr_shape=[16, BLOCK_M // WG, 16])
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
-        zero_dq = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=acc_layout)
+        zero_dq = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, layout=dq_layout)
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
         k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
@@ -252,31 +256,33 @@ if HAVE_GLUON:
         ], [1], [40])
 
 
-def backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv, *, softmax_scale: float, causal: bool) -> None:
+def backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv, *, softmax_scale: float, causal: bool,
+                      block_n: int | None = None, num_warps: int | None = None, maxnreg: int | None = None) -> None:
     """Launch the Hopper kernel: dK and dV into ``dk``/``dv``, dQ^T (unscaled) added into ``dq_acc``.
 
     ``dq_acc`` is the fused path's zeroed fp32 (batch * heads, 64, rows padded to a multiple of 4)
     buffer; ``delta`` is rowsum(dO * O) shaped like ``lse``. Only call where :func:`supported`.
     """
     batch, heads, seq, head_dim = q.shape
-    grid = (triton.cdiv(seq, BLOCK_N), heads, batch)
-    _bwd_hopper_kernel[grid](*_kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale),
-                             CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
-                             NUM_STAGES=STAGES, num_warps=NUM_WARPS, maxnreg=MAXNREG)
+    block_n = block_n or BLOCK_N
+    grid = (triton.cdiv(seq, block_n), heads, batch)
+    _bwd_hopper_kernel[grid](*_kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale, block_n),
+                             CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=head_dim,
+                             NUM_STAGES=STAGES, num_warps=num_warps or NUM_WARPS, maxnreg=maxnreg or MAXNREG)
 
 
-def _kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale: float) -> tuple:
+def _kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale: float, block_n: int = BLOCK_N) -> tuple:
     batch, heads, seq, head_dim = q.shape
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     tile_m = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, head_dim], gdtype)
-    tile_n = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, head_dim], gdtype)
+    tile_n = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], gdtype)
     rows = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     # 4-D descriptors over the (batch, head, seq, dim) views as they are strided: rows past one
     # sequence read as zeros, never as the next sequence's rows
     q_desc = TensorDescriptor.from_tensor(q, [1, 1, BLOCK_M, head_dim], tile_m)
     do_desc = TensorDescriptor.from_tensor(dout, [1, 1, BLOCK_M, head_dim], tile_m)
-    k_desc = TensorDescriptor.from_tensor(k, [1, 1, BLOCK_N, head_dim], tile_n)
-    v_desc = TensorDescriptor.from_tensor(v, [1, 1, BLOCK_N, head_dim], tile_n)
+    k_desc = TensorDescriptor.from_tensor(k, [1, 1, block_n, head_dim], tile_n)
+    v_desc = TensorDescriptor.from_tensor(v, [1, 1, block_n, head_dim], tile_n)
     lse_desc = TensorDescriptor(lse.view(batch * heads, seq), [batch * heads, seq], [seq, 1], [1, BLOCK_M], rows)
     delta_desc = TensorDescriptor(delta.view(batch * heads, seq), [batch * heads, seq], [seq, 1], [1, BLOCK_M],
                                   rows)
@@ -300,7 +306,7 @@ def compile_offline(*, arch: int = 90, dtype=torch.bfloat16, causal: bool = True
     lse = torch.empty(batch, heads, seq)
     dq_acc = torch.empty(batch * heads, head_dim, seq)
     args = _kernel_args(dout, q, k, v, lse, torch.empty_like(lse), dq_acc, torch.empty_like(dout),
-                        torch.empty_like(dout), head_dim ** -0.5)
+                        torch.empty_like(dout), head_dim ** -0.5, BLOCK_N)
     names = _bwd_hopper_kernel.arg_names
     return compile_gluon_for_target(
         _bwd_hopper_kernel, dict(zip(names, args)),

@@ -54,6 +54,9 @@ FUSED_KV = {64: _c(64, 64, 4, 3), 128: _c(64, 128, 8, 3)}
 #: the fused path measured faster only without GQA and from 8k keys on (1.05x at 16k, head_dim
 #: 64; 1.14x at head_dim 128); shorter sequences and grouped heads keep the two kernels
 FUSED_MIN_SEQ = 8192
+#: the Hopper (Gluon) kernel for the same path beat the two kernels from 4k keys on (1.06x at
+#: 4x12x4096x64, 0.87x at 16x12x1024x64 on an H100)
+HOPPER_MIN_SEQ = 4096
 
 
 def fused_kv_config(dtype, head_dim: int, group: int = 1, seqlen_k: int = FUSED_MIN_SEQ) -> triton.Config | None:
