@@ -294,9 +294,12 @@ def _kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale: float
             heads, seq, softmax_scale * LOG2E, softmax_scale)
 
 
-def compile_offline(*, arch: int = 90, dtype=torch.bfloat16, causal: bool = True):
+def compile_offline(*, arch: int = 90, dtype=torch.bfloat16, causal: bool = True, block_n: int | None = None,
+                    num_warps: int | None = None, maxnreg: int | None = None):
     """Compile the kernel for ``sm_{arch}`` without a GPU (GPT-2's strided q/k/v layout, 16k rows);
-    returns Triton's compiled kernel, whose ``asm`` holds its ``ptx``. For tests and register reports."""
+    returns Triton's compiled kernel, whose ``asm`` holds its ``ptx``. For tests and register reports.
+    ``block_n``/``num_warps``/``maxnreg`` override the shipped tile as in :func:`backward_dk_dv_dq`."""
+    block_n = block_n or BLOCK_N
     from ._compat import compile_gluon_for_target
 
     batch, heads, seq, head_dim = 1, 2, 16384, 64
@@ -306,9 +309,9 @@ def compile_offline(*, arch: int = 90, dtype=torch.bfloat16, causal: bool = True
     lse = torch.empty(batch, heads, seq)
     dq_acc = torch.empty(batch * heads, head_dim, seq)
     args = _kernel_args(dout, q, k, v, lse, torch.empty_like(lse), dq_acc, torch.empty_like(dout),
-                        torch.empty_like(dout), head_dim ** -0.5, BLOCK_N)
+                        torch.empty_like(dout), head_dim ** -0.5, block_n)
     names = _bwd_hopper_kernel.arg_names
     return compile_gluon_for_target(
         _bwd_hopper_kernel, dict(zip(names, args)),
-        dict(CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, NUM_STAGES=STAGES),
-        arch=arch, num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        dict(CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=head_dim, NUM_STAGES=STAGES),
+        arch=arch, num_warps=num_warps or NUM_WARPS, maxnreg=maxnreg or MAXNREG)

@@ -71,3 +71,22 @@ def test_sass_of_a_kernel_compiled_without_a_gpu():
 def test_ptxas_errors_are_reported():
     with pytest.raises(RuntimeError, match="ptxas failed"):
         _compat.ptxas_usage("this is not ptx", 90)
+
+
+def test_gluon_reduction_and_barrier_shims():
+    """The Hopper backward's reach-ins: the op builder's TMA reduction and the barrier's name."""
+    pytest.importorskip("triton.experimental.gluon")
+    from triton._C.libtriton import gluon_ir, ir
+
+    assert hasattr(gluon_ir.GluonOpBuilder, "create_async_tma_reduce")
+    assert hasattr(ir.DESCRIPTOR_REDUCE_KIND, "ADD")
+    assert callable(_compat.tma_reduce_add) and callable(_compat.cta_barrier)
+
+
+def test_ptxas_advisories_name_serialised_products():
+    """A plain kernel has no advisory."""
+    from triton.runtime.jit import JITFunction
+
+    compiled = _compat.compile_for_target(JITFunction(add_one), {"X": "*fp32", "N": "i32", "BLOCK": "constexpr"},
+                                          {"BLOCK": 128}, {}, arch=90, num_warps=4, num_stages=1)
+    assert _compat.ptxas_advisories(compiled.asm["ptx"], 90) == []
