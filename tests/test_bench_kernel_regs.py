@@ -60,8 +60,23 @@ def test_loop_report_without_a_gpu():
     assert all(int(n) > 100 and "MUFU" in ops for n, ops in trips[:2]), proc.stdout
 
 
+def test_hopper_report_without_a_gpu():
+    """The Gluon backward's row: two programs per SM without spills and no ptxas advisory."""
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-m", "flash_dist.bench.kernel_regs", "--kernels", "hopper"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| hopper |")]
+    assert len(rows) == 1, proc.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "64x64/8/2" and int(cells[3]) == 0 and int(cells[5]) == 2, rows[0]
+    assert "advisory" not in proc.stdout
+
+
 @pytest.mark.parametrize("argv, words", [
-    (["--kernels", "fwd,bwd"], "--kernels: choose from fwd, kv, q"),
+    (["--kernels", "fwd,bwd"], "--kernels: choose from fwd, kv, q, hopper"),
     (["--group", "0"], "--group: must be >= 1, got 0"),
 ])
 def test_argument_errors(argv, words, capsys):

@@ -11,6 +11,11 @@ overlap one block's softmax with another block's matmuls; checking that costs no
     python -m flash_dist.bench.kernel_regs --head-dim 64 --group 1
     python -m flash_dist.bench.kernel_regs --head-dim 128 --group 4 --kernels kv
     python -m flash_dist.bench.kernel_regs --kernels fwd --limit 1 --loops
+    python -m flash_dist.bench.kernel_regs --kernels hopper
+
+``hopper`` is the warp-specialised Gluon backward (:mod:`flash_dist.kernels.hopper_backward`,
+head dim 64 without GQA only): its one tile, its warps counted with the loader's warpgroup, and
+any advisory ``ptxas`` prints (``C7514``: its products serialised).
 
 ``--loops`` also disassembles each kernel (the wheel's ``nvdisasm``) and counts the machine
 instructions of one trip through each of its loops, with the most frequent opcodes: a change
@@ -28,7 +33,7 @@ from unittest import mock
 
 import torch
 
-KERNELS = ("fwd", "kv", "q")
+KERNELS = ("fwd", "kv", "q", "hopper")
 #: per-SM limits of the Hopper GPUs (H100/H200): registers, shared memory, warps, blocks
 SM90_REGISTERS, SM90_SHARED, SM90_WARPS, SM90_BLOCKS = 65536, 228 * 1024, 64, 32
 
@@ -107,6 +112,9 @@ def report(head_dim: int, group: int, seq: int, kernels: list[str], arch: int, l
     launches = capture_launches(head_dim, group, seq)
     rows = []
     for name in kernels:
+        if name == "hopper":
+            rows += _hopper_rows(head_dim, group, arch, loops)
+            continue
         kernel, args, kwargs = launches[name]
         configs = spaces[name][tuning._space_key(head_dim, torch.bfloat16)]
         for cfg in configs[:limit]:
@@ -121,6 +129,24 @@ def report(head_dim: int, group: int, seq: int, kernels: list[str], arch: int, l
             if loops:
                 rows[-1]["loops"] = _compat.sass_loops(compiled.asm["cubin"])
     return rows
+
+
+def _hopper_rows(head_dim: int, group: int, arch: int, loops: bool) -> list[dict]:
+    from flash_dist.kernels import _compat, hopper_backward as hb
+
+    if not hb.HAVE_GLUON or head_dim != 64 or group != 1:
+        return []
+    compiled = hb.compile_offline(arch=arch)
+    ptx = compiled.asm["ptx"]
+    usage = _compat.ptxas_usage(ptx, arch)
+    warps = hb.NUM_WARPS + 4  # the loader warp is given a warpgroup's registers
+    row = dict(kernel="hopper", block_m=hb.BLOCK_M, block_n=hb.BLOCK_N, warps=warps, stages=hb.STAGES,
+               shared=compiled.metadata.shared, blocks_per_sm=blocks_per_sm(usage["registers"],
+                                                                         compiled.metadata.shared, warps),
+               advisories=_compat.ptxas_advisories(ptx, arch), **usage)
+    if loops:
+        row["loops"] = _compat.sass_loops(compiled.asm["cubin"])
+    return [row]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['kernel']} | {r['block_m']}x{r['block_n']}/{r['warps']}/{r['stages']} | {r['registers']} "
               f"| {r['spill_bytes']} | {r['shared'] / 1024:.1f} | {r['blocks_per_sm']} |", flush=True)
+    for r in rows:
+        for advisory in r.get("advisories", []):
+            print(f"ptxas advisory for {r['kernel']}: {advisory}")
     if a.loops:
         print("\nInstructions per trip through each loop, in code order, with the most frequent opcodes:")
         for r in rows:
