@@ -13,8 +13,8 @@ share of dQ^T goes out as an fp32 TMA bulk reduction), with the work split betwe
   computed, dV runs during the dS arithmetic, and the previous tile's dQ^T is written out while
   the next tile's S^T and dP^T run. ``tl`` waits for each product right after issuing it.
 
-Two programs share an SM (128 registers per thread at launch; the compute warpgroup takes 216+
-of the loader's share through ``setmaxnreg``). No product may be in flight across the loop's
+Two programs share an SM: 128 registers per thread at launch, then ``setmaxnreg`` gives the
+compute warpgroup 232 and the loader's warpgroup 40. No product may be in flight across the loop's
 back edge: ptxas then serialises every product of the kernel (its advisory C7514), so each loop
 trip ends with all products retired.
 
