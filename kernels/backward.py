@@ -21,7 +21,7 @@ from .common import (INTERPRET, LOG2E, alibi_bias, alibi_strides, block_run, dro
                      load_rows, load_tile, program_ids, query_range, quantize_dropout, sequence_bounds, strides3,
                      strides4, visible)
 from . import hopper_backward
-from .tuning import BWD_KV, BWD_Q, HOPPER_MIN_SEQ, autotuned, fused_kv_config, launch, seq_bucket
+from .tuning import BWD_KV, BWD_Q, FUSED_KV, HOPPER_MIN_SEQ, autotuned, fused_kv_config, launch, seq_bucket
 
 
 @triton.jit
@@ -354,11 +354,57 @@ def _bwd_q_kernel(
              + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
+#: the kernels attention_backward can run; see :func:`backward_path`
+PATHS = ("deterministic", "fused", "hopper")
+
+
+def backward_path(q, k, v, dout, lse, dk, dv, *, seqlen_k: int, window, alibi_slopes=None, dropout_p: float = 0.0,
+                  varlen: bool = False, deterministic: bool = True, path: str | None = None):
+    """Which kernels :func:`attention_backward` runs, as ``(name, config)``: ``"deterministic"``
+    (the dK/dV and dQ kernels), ``"fused"`` (the tl dK/dV kernel adding dQ, with its config) or
+    ``"hopper"`` (:mod:`.hopper_backward`).
+
+    ``path=None`` chooses by ``deterministic`` and where each kernel measured fastest
+    (:func:`~flash_dist.kernels.tuning.fused_kv_config`, ``tuning.HOPPER_MIN_SEQ``; the Hopper
+    kernel unless ``FLASH_DIST_HOPPER_BWD=0``). A name forces that path at any length and raises
+    ``ValueError`` where it cannot run these inputs.
+    """
+    group = q.shape[1] // k.shape[1]
+    head_dim = q.shape[-1]
+    if path is None:
+        if deterministic or varlen:
+            return "deterministic", None
+        fused = fused_kv_config(q.dtype, head_dim, group, seqlen_k)
+        if (hopper_backward.ENABLED and (fused is not None or seqlen_k >= HOPPER_MIN_SEQ)
+                and hopper_backward.supported(q, k, v, dout, lse, dk, dv, window=window, alibi_slopes=alibi_slopes,
+                                              dropout_p=dropout_p, varlen=varlen)):
+            return "hopper", None
+        return ("fused", fused) if fused is not None else ("deterministic", None)
+    if path == "deterministic":
+        return path, None
+    if path == "fused":
+        # as if the sequence were long enough: the dtype, head_dim and GQA rules still apply
+        fused = None if varlen else fused_kv_config(q.dtype, head_dim, group, 1 << 30)
+        if fused is None:
+            raise ValueError(f"path='fused' needs dense fp16/bf16 inputs with head_dim in {sorted(FUSED_KV)} and no "
+                             f"GQA, got {q.dtype}, head_dim {head_dim}, {group} query heads per KV head"
+                             + (", varlen" if varlen else ""))
+        return path, fused
+    if path == "hopper":
+        if not hopper_backward.supported(q, k, v, dout, lse, dk, dv, window=window, alibi_slopes=alibi_slopes,
+                                         dropout_p=dropout_p, varlen=varlen):
+            raise ValueError("path='hopper' needs an sm_90 GPU with Gluon, fp16/bf16 with head_dim 64, no GQA, "
+                             "causal or full attention without ALiBi or dropout, equal query and key lengths "
+                             "(a multiple of 4) and TMA-aligned strides (see hopper_backward.supported)")
+        return path, None
+    raise ValueError(f"path: expected None or one of {', '.join(map(repr, PATHS))}, got {path!r}")
+
+
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window: tuple[int, int],
                        alibi_slopes=None, dropout_p: float = 0.0, rng=None, dlse=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0,
                        max_seqlen_k: int = 0, dq=None, dk=None, dv=None, kv_config=None, q_config=None,
-                       deterministic: bool = True):
+                       deterministic: bool = True, path: str | None = None):
     """Launch the backward kernels; returns (dq, dk, dv) shaped and strided like q, k, v.
 
     ``deterministic=False`` lets dense inputs take the fused path where it is faster (see
@@ -369,6 +415,8 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     result is bitwise reproducible. On an sm_90 GPU the fused path runs the warp-specialised Gluon
     kernel of :mod:`.hopper_backward` where that applies (dense causal or full attention, head_dim
     64, no GQA), from ``tuning.HOPPER_MIN_SEQ`` keys on.
+
+    ``path`` forces one of :data:`PATHS` (see :func:`backward_path`), e.g. to compare them.
 
     ``dlse`` is the gradient flowing into the log-sum-exp output (``None`` when it is unused).
     ``dq``/``dk``/``dv`` may be given preallocated; ``kv_config``/``q_config`` (``triton.Config``)
@@ -392,11 +440,10 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     delta = torch.empty_like(lse)
     block_d = max(triton.next_power_of_2(head_dim), 16)
     dummy = delta  # stands in for absent optional pointers; never read
-    fused = None if deterministic or varlen else fused_kv_config(q.dtype, head_dim, hq // hkv, seq_k)
-    # the Hopper kernel pays off from shorter sequences on than the tl fused kernel (BENCHMARKS.md)
-    hopper = (not deterministic and (fused is not None or seq_k >= HOPPER_MIN_SEQ)
-              and hopper_backward.supported(q, k, v, dout, lse, dk, dv, window=window, alibi_slopes=alibi_slopes,
-                                            dropout_p=dropout_p, varlen=varlen))
+    kind, fused = backward_path(q, k, v, dout, lse, dk, dv, seqlen_k=seq_k, window=window,
+                                alibi_slopes=alibi_slopes, dropout_p=dropout_p, varlen=varlen,
+                                deterministic=deterministic, path=path)
+    hopper = kind == "hopper"
     tma = not INTERPRET
     dq_acc = None
     if fused is not None or hopper:

@@ -43,7 +43,8 @@ try:
 except ImportError:  # a Triton without Gluon: the tl kernels serve every case
     HAVE_GLUON = False
 
-#: set FLASH_DIST_HOPPER_BWD=0 to keep the tl kernels on Hopper too (A/B measurements)
+#: FLASH_DIST_HOPPER_BWD=0: the automatic choice keeps the tl kernels on Hopper too
+#: (``attention_backward(path="hopper")`` still runs this kernel)
 ENABLED = os.environ.get("FLASH_DIST_HOPPER_BWD", "1") != "0"
 BLOCK_M = 64  # query rows per tile
 BLOCK_N = 64  # key rows per program
@@ -67,7 +68,7 @@ def supported(q, k, v, dout, lse, dk, dv, *, window, alibi_slopes=None, dropout_
     (GPT-2's q/k/v slices of one projection qualify); lse is the forward's (batch, heads, seq);
     dk and dv (outputs) need unit stride in head_dim.
     """
-    if not (HAVE_GLUON and ENABLED) or INTERPRET or varlen or not q.is_cuda:
+    if not HAVE_GLUON or INTERPRET or varlen or not q.is_cuda:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False

@@ -1,6 +1,11 @@
 """The warp-specialised Hopper backward (Gluon): compiled offline on any machine, and on an H100
 against the float64 reference (skipped elsewhere)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,20 +16,33 @@ from .helpers import assert_matches_reference, leaf64, poison_allocations, qkv_i
 needs_gluon = pytest.mark.skipif(not hopper_backward.HAVE_GLUON, reason="this Triton has no Gluon")
 
 
+_COMPILE = """
+import json, sys
+from flash_dist.kernels import _compat, hopper_backward
+tile = json.loads(sys.argv[1])
+ptx = hopper_backward.compile_offline(arch=90, **tile).asm["ptx"]
+print(json.dumps(dict(advisories=_compat.ptxas_advisories(ptx, 90), **_compat.ptxas_usage(ptx, 90),
+                      reduction="cp.reduce.async.bulk.tensor" in ptx, setmaxnreg="setmaxnreg" in ptx)))
+"""
+
+
 @needs_gluon
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("tile", [{}, {"block_n": 128, "num_warps": 8, "maxnreg": 168}], ids=["shipped", "128-keys"])
 def test_compiles_for_sm90_without_serialised_products(tile, causal):
     """ptxas serialises every product of a kernel (advisory C7514) when one is in flight across
     the loop's back edge; the kernel must also fit its register budget without spilling, and
-    add dQ with TMA bulk reductions."""
-    from flash_dist.kernels import _compat
-
-    ptx = hopper_backward.compile_offline(arch=90, causal=causal, **tile).asm["ptx"]
-    assert _compat.ptxas_advisories(ptx, 90) == []
-    usage = _compat.ptxas_usage(ptx, 90)
-    assert usage["spill_bytes"] == 0 and usage["registers"] <= tile.get("maxnreg", hopper_backward.MAXNREG)
-    assert "cp.reduce.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
+    add dQ with TMA bulk reductions. Compiled in a fresh process without ``TRITON_INTERPRET``:
+    the interpreter, once it has run a kernel, leaves Triton's tensor class unfit for compiling."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps({**tile, "causal": causal})], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["advisories"] == []
+    assert report["spill_bytes"] == 0 and report["registers"] <= tile.get("maxnreg", hopper_backward.MAXNREG)
+    assert report["reduction"] and report["setmaxnreg"]
 
 
 on_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
