@@ -19,13 +19,13 @@ import torch
 from flash_dist.bench.kernel_ab import parse_shapes
 
 
-def measure(b: int, hq: int, hkv: int, s: int, d: int) -> dict:
+def measure(b: int, hq: int, hkv: int, s: int, d: int, device: str = "cuda") -> dict:
     from triton.testing import do_bench
 
     from flash_dist.kernels.backward import PATHS, attention_backward, backward_path
     from flash_dist.kernels.forward import attention_forward
 
-    qkv = torch.randn(b, s, hq + 2 * hkv, d, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(b, s, hq + 2 * hkv, d, device=device, dtype=torch.bfloat16)
     q, k, v = (qkv[:, :, lo:hi].transpose(1, 2) for lo, hi in ((0, hq), (hq, hq + hkv), (hq + hkv, hq + 2 * hkv)))
     dout = torch.randn_like(q)
     kw = dict(softmax_scale=d ** -0.5, window=(-1, 0))
