@@ -18,7 +18,9 @@ def copy_kernels(tmp_path, file: str | None = None, old: str = "", new: str = ""
                     ignore=shutil.ignore_patterns("__pycache__"))
     if file is not None:
         path = base / file
-        path.write_text(path.read_text().replace(old, new))
+        text = path.read_text()
+        assert old in text, f"{file} no longer contains {old!r}: update the test's edit"
+        path.write_text(text.replace(old, new))
     return base
 
 
@@ -49,8 +51,8 @@ def test_shapes_with_and_without_grouped_query_heads(bad, words):
 
 def test_kernel_ab_refuses_the_fused_backward_of_a_baseline_without_one(tmp_path):
     # an old baseline: its attention_backward takes no deterministic argument
-    base = copy_kernels(tmp_path, "backward.py", "                       deterministic: bool = True):",
-                        "                       ):")
+    base = copy_kernels(tmp_path, "backward.py", "deterministic: bool = True, path: str | None = None):",
+                        "path: str | None = None):")
     proc = kernel_ab(base, "--backward", "fused")
     assert proc.returncode == 2
     assert "--backward fused: the baseline's attention_backward has no fused path" in proc.stderr
