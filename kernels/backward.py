@@ -443,10 +443,9 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
     kind, fused = backward_path(q, k, v, dout, lse, dk, dv, seqlen_k=seq_k, window=window,
                                 alibi_slopes=alibi_slopes, dropout_p=dropout_p, varlen=varlen,
                                 deterministic=deterministic, path=path)
-    hopper = kind == "hopper"
     tma = not INTERPRET
     dq_acc = None
-    if fused is not None or hopper:
+    if kind != "deterministic":
         # dQ accumulates in fp32 inside the dK/dV kernel, transposed (head, dim, row); no dQ kernel.
         # The TMA unit needs 16-byte aligned strides: rows padded to a multiple of 4 for it
         dq_acc = torch.empty(batch * hq, block_d, -(-seq_q // 4) * 4 if tma else seq_q, dtype=torch.float32,
@@ -475,11 +474,11 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, window:
                int(window[0]), int(window[1]))
     in_strides = (*strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen),
                   *strides4(dout, varlen), *strides3(lse, varlen))
-    if hopper:
+    if kind == "hopper":
         # the warp-specialised Gluon kernel: the fused path's work, products overlapped (hopper_backward.py)
         hopper_backward.backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale=softmax_scale,
                                           causal=window[1] == 0)
-    elif fused is not None:
+    elif kind == "fused":
         if tma:
             dq_arg = TensorDescriptor(dq_acc, [batch * hq, block_d, seq_q], list(dq_acc.stride()),
                                       [1, block_d, fused.kwargs["BLOCK_M"]])

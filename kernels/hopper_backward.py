@@ -257,22 +257,20 @@ if HAVE_GLUON:
         ], [1], [40])
 
 
-def backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv, *, softmax_scale: float, causal: bool,
-                      block_n: int | None = None, num_warps: int | None = None, maxnreg: int | None = None) -> None:
+def backward_dk_dv_dq(dout, q, k, v, lse, delta, dq_acc, dk, dv, *, softmax_scale: float, causal: bool) -> None:
     """Launch the Hopper kernel: dK and dV into ``dk``/``dv``, dQ^T (unscaled) added into ``dq_acc``.
 
     ``dq_acc`` is the fused path's zeroed fp32 (batch * heads, 64, rows padded to a multiple of 4)
     buffer; ``delta`` is rowsum(dO * O) shaped like ``lse``. Only call where :func:`supported`.
     """
     batch, heads, seq, head_dim = q.shape
-    block_n = block_n or BLOCK_N
-    grid = (triton.cdiv(seq, block_n), heads, batch)
-    _bwd_hopper_kernel[grid](*_kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale, block_n),
-                             CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=block_n, HEAD_DIM=head_dim,
-                             NUM_STAGES=STAGES, num_warps=num_warps or NUM_WARPS, maxnreg=maxnreg or MAXNREG)
+    grid = (triton.cdiv(seq, BLOCK_N), heads, batch)
+    _bwd_hopper_kernel[grid](*_kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale, BLOCK_N),
+                             CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
+                             NUM_STAGES=STAGES, num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
 
-def _kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale: float, block_n: int = BLOCK_N) -> tuple:
+def _kernel_args(dout, q, k, v, lse, delta, dq_acc, dk, dv, softmax_scale: float, block_n: int) -> tuple:
     batch, heads, seq, head_dim = q.shape
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     tile_m = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, head_dim], gdtype)
@@ -299,7 +297,7 @@ def compile_offline(*, arch: int = 90, dtype=torch.bfloat16, causal: bool = True
                     num_warps: int | None = None, maxnreg: int | None = None):
     """Compile the kernel for ``sm_{arch}`` without a GPU (GPT-2's strided q/k/v layout, 16k rows);
     returns Triton's compiled kernel, whose ``asm`` holds its ``ptx``. For tests and register reports.
-    ``block_n``/``num_warps``/``maxnreg`` override the shipped tile as in :func:`backward_dk_dv_dq`."""
+    ``block_n``/``num_warps``/``maxnreg`` replace the shipped tile (to check a variant's registers)."""
     block_n = block_n or BLOCK_N
     from ._compat import compile_gluon_for_target
 
